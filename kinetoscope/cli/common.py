@@ -1,0 +1,48 @@
+"""Shared argument types and the error convention: bad input is one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit code 2, never a traceback."""
+
+
+class ErrorExitParser(argparse.ArgumentParser):
+    """argparse already exits 2 on bad arguments; keep its message to one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (W, H), both positive."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT (e.g. 128x128), got {text!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width < 1 or height < 1 or width > 4096 or height > 4096:
+        raise argparse.ArgumentTypeError(f"size {width}x{height} is out of range (1..4096 per side)")
+    return width, height
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
