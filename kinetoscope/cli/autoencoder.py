@@ -1,0 +1,95 @@
+"""`kinetoscope ae train|eval` and `kinetoscope reconstruct`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kinetoscope.cli import common
+
+
+def register(subparsers):
+    ae = subparsers.add_parser("ae", help="train and evaluate the video autoencoder")
+    ae_commands = ae.add_subparsers(dest="ae_command", required=True, parser_class=common.ErrorExitParser)
+
+    train = ae_commands.add_parser("train", help="train from a recipe (resumes from OUTPUT/checkpoint)")
+    train.add_argument("--recipe", default="configs/autoencoder.toml")
+    train.add_argument("--output", help="run directory (default: the recipe's)")
+    train.add_argument("--minutes", type=common.positive_float, help="wall-time budget (default: the recipe's)")
+    train.add_argument("--steps", type=common.positive_int, help="step budget (default: the recipe's)")
+    train.set_defaults(handler=run_train)
+
+    evaluate = ae_commands.add_parser("eval", help="PSNR/SSIM on held-out clips and encode/decode speed")
+    evaluate.add_argument("--weights", help="checkpoint folder (default: the shipped weights)")
+    evaluate.add_argument("--clips", type=common.positive_int, default=16, help="held-out clips per size")
+    evaluate.set_defaults(handler=run_eval)
+
+    reconstruct = subparsers.add_parser("reconstruct", help="encode and decode a video with the autoencoder")
+    reconstruct.add_argument("input", help="any common video file")
+    reconstruct.add_argument("--output", required=True, help="output video (.mp4, .gif, .webp)")
+    reconstruct.add_argument("--weights", help="checkpoint folder (default: the shipped weights)")
+    reconstruct.set_defaults(handler=run_reconstruct)
+
+
+def load_autoencoder(weights: str | None):
+    from kinetoscope.models.autoencoder import VideoAutoencoder
+
+    try:
+        return VideoAutoencoder.from_pretrained(weights)
+    except FileNotFoundError as error:
+        raise common.UsageError(str(error)) from None
+
+
+def run_train(args) -> int:
+    from kinetoscope.training.autoencoder import train
+
+    if not Path(args.recipe).is_file():
+        raise common.UsageError(f"no recipe at {args.recipe}")
+    train(args.recipe, output=args.output, minutes=args.minutes, steps=args.steps)
+    return 0
+
+
+def run_eval(args) -> int:
+    import torch
+
+    from kinetoscope.eval.reconstruction import evaluate_autoencoder, time_round_trip
+
+    model = load_autoencoder(args.weights).to("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = model.cfg
+    print(f"autoencoder: {cfg.spatial_factor}x spatial, {cfg.temporal_factor}x temporal, {cfg.latent_channels} latent channels")
+    print(f"{'held-out clips':<16}{'PSNR dB':>9}{'SSIM':>8}{'palette':>9}")
+    evaluate_autoencoder(
+        model,
+        clips_per_bucket=args.clips,
+        progress=lambda bucket, r: print(
+            f"{str(bucket):<16}{r['psnr']:>9.2f}{r['ssim']:>8.4f}{r['palette_colours_kept']:>8.1%}", flush=True
+        ),
+    )
+    speed = time_round_trip(model)
+    clip_seconds = (17 - 1) / 8
+    total = speed["encode_s"] + speed["decode_s"]
+    print(
+        f"speed, 2 s 128x128 clip ({speed['bucket']}): encode {speed['encode_s'] * 1000:.1f} ms, "
+        f"decode {speed['decode_s'] * 1000:.1f} ms, {clip_seconds / total:.0f}x real time"
+    )
+    return 0
+
+
+def run_reconstruct(args) -> int:
+    from kinetoscope.media.video import VideoError, read_video, write_video
+    from kinetoscope.pipelines.reconstruction import VideoReconstruction
+
+    try:
+        frames, fps = read_video(args.input)
+    except VideoError as error:
+        raise common.UsageError(str(error)) from None
+    try:
+        pipeline = VideoReconstruction.load(args.weights)
+    except FileNotFoundError as error:
+        raise common.UsageError(str(error)) from None
+    try:
+        restored = pipeline(frames)
+        write_video(args.output, restored, fps)
+    except (ValueError, VideoError) as error:
+        raise common.UsageError(str(error)) from None
+    print(f"wrote {args.output}: {restored.shape[0]} frames of {restored.shape[2]}x{restored.shape[1]} at {fps:g} fps")
+    return 0

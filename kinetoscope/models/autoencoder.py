@@ -1,0 +1,214 @@
+"""Causal video autoencoder: 4x in time, 16x in each spatial side (Sora's "video compression network").
+
+A clip of 1 + 4k frames becomes 1 + k latent steps. Frames are grouped causally: the first frame
+alone (repeated to fill a group, so an image is a one-frame video), then every following run of 4
+frames. Within a group, time and 4x4 pixels fold into channels (space-to-depth, as in DC-AE), so
+no convolution ever runs at full resolution; that is what makes decoding faster than real time
+on a CPU. Across groups, information flows only through CausalTimeMix layers, which see the
+current and the previous step: a latent never depends on a later frame, and a long clip streams
+through in chunks carrying one step of state per layer.
+
+Shapes: video (B, 3, T, H, W) in [-1, 1], T = 1 + 4k, H and W multiples of 16;
+latent (B, C, 1 + k, H/16, W/16), normalised per channel with statistics stored in the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class AutoencoderConfig:
+    latent_channels: int = 32
+    widths: tuple[int, ...] = (64, 128, 192)  # features at 1/4, 1/8, 1/16 of the input size
+    blocks_per_level: int = 1
+    temporal_factor: int = 4
+    patch: int = 4  # space-to-depth before the first convolution
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.patch * 2 ** (len(self.widths) - 1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable without norms
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x):  # (N, C, h, w)
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class CausalTimeMix(nn.Module):
+    """Residual 1x1 conv over [step t, step t-1] features; the only path between latent steps."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(2 * channels, channels, 1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x, steps: int, previous):  # x (B*N, C, h, w), previous (B, C, h, w) or None
+        x = x.unflatten(0, (-1, steps))  # (B, N, C, h, w)
+        first = torch.zeros_like(x[:, 0]) if previous is None else previous
+        shifted = torch.cat([first[:, None], x[:, :-1]], dim=1)
+        mixed = self.conv(F.silu(torch.cat([x, shifted], dim=2)).flatten(0, 1))
+        return x.flatten(0, 1) + mixed, x[:, -1]
+
+
+class Stage(nn.Module):
+    """A resolution level: time mixing, then residual blocks."""
+
+    def __init__(self, channels: int, blocks: int):
+        super().__init__()
+        self.time_mix = CausalTimeMix(channels)
+        self.blocks = nn.Sequential(*(ResBlock(channels) for _ in range(blocks)))
+
+    def forward(self, x, steps, state: list, index: int):
+        x, state[index] = self.time_mix(x, steps, state[index])
+        return self.blocks(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        group_channels = 3 * cfg.temporal_factor * cfg.patch**2
+        self.conv_in = nn.Conv2d(group_channels, cfg.widths[0], 3, padding=1)
+        self.stages = nn.ModuleList(Stage(w, cfg.blocks_per_level) for w in cfg.widths)
+        self.downs = nn.ModuleList(
+            nn.Conv2d(4 * cfg.widths[i], cfg.widths[i + 1], 1) for i in range(len(cfg.widths) - 1)
+        )
+        self.conv_out = nn.Conv2d(cfg.widths[-1], cfg.latent_channels, 3, padding=1)
+        self.patch = cfg.patch
+
+    def forward(self, groups, state: list):  # groups (B, N, 3*4, H, W) -> (B, N, C, H/16, W/16)
+        steps = groups.shape[1]
+        x = self.conv_in(F.pixel_unshuffle(groups.flatten(0, 1), self.patch))
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                x = self.downs[i - 1](F.pixel_unshuffle(x, 2))
+            x = stage(x, steps, state, i)
+        return self.conv_out(F.silu(x)).unflatten(0, (-1, steps))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        widths = cfg.widths[::-1]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1)
+        self.stages = nn.ModuleList(Stage(w, cfg.blocks_per_level) for w in widths)
+        self.ups = nn.ModuleList(nn.Conv2d(widths[i], 4 * widths[i + 1], 1) for i in range(len(widths) - 1))
+        self.conv_out = nn.Conv2d(widths[-1], 3 * cfg.temporal_factor * cfg.patch**2, 3, padding=1)
+        self.patch = cfg.patch
+
+    def forward(self, latents, state: list):  # (B, N, C, h, w) -> groups (B, N, 3*4, 16h, 16w)
+        steps = latents.shape[1]
+        x = self.conv_in(latents.flatten(0, 1))
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                x = F.pixel_shuffle(self.ups[i - 1](F.silu(x)), 2)
+            x = stage(x, steps, state, i)
+        return F.pixel_shuffle(self.conv_out(F.silu(x)), self.patch).unflatten(0, (-1, steps))
+
+
+class VideoAutoencoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig = AutoencoderConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
+        self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
+        self.to(memory_format=torch.channels_last)
+
+    # -- shapes ---------------------------------------------------------------------------------
+
+    def check_input(self, frames: int, height: int, width: int):
+        factor, step = self.cfg.spatial_factor, self.cfg.temporal_factor
+        if (frames - 1) % step or height % factor or width % factor or min(frames, height, width) < 1:
+            raise ValueError(
+                f"the autoencoder takes 1+{step}k frames of a size that is a multiple of {factor}; "
+                f"got {frames} frames of {width}x{height}"
+            )
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        self.check_input(frames, height, width)
+        f = self.cfg.spatial_factor
+        return (self.cfg.latent_channels, 1 + (frames - 1) // self.cfg.temporal_factor, height // f, width // f)
+
+    def _to_groups(self, video):  # (B, 3, T, H, W) -> (B, N, 3*4, H, W)
+        first = video[:, :, :1].expand(-1, -1, self.cfg.temporal_factor, -1, -1)
+        padded = torch.cat([first, video[:, :, 1:]], dim=2)
+        b, c, t, h, w = padded.shape
+        groups = padded.reshape(b, c, t // self.cfg.temporal_factor, self.cfg.temporal_factor, h, w)
+        return groups.permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
+
+    def _from_groups(self, groups):  # (B, N, 4*3, H, W) -> (B, 3, 1 + 4(N-1), H, W)
+        b, n, _, h, w = groups.shape
+        frames = groups.reshape(b, n * self.cfg.temporal_factor, 3, h, w)
+        # Group 0 decodes to four copies of the first frame; keep its last.
+        frames = frames[:, self.cfg.temporal_factor - 1 :]
+        return frames.permute(0, 2, 1, 3, 4)
+
+    # -- encode / decode ------------------------------------------------------------------------
+
+    def encode(self, video: torch.Tensor, chunk_steps: int | None = None, normalize: bool = True) -> torch.Tensor:
+        """(B, 3, T, H, W) -> (B, C, 1 + (T-1)/4, H/16, W/16); chunk_steps bounds memory for long clips."""
+        self.check_input(*video.shape[2:])
+        groups = self._to_groups(video)
+        state = [None] * len(self.encoder.stages)
+        step = chunk_steps or groups.shape[1]
+        latents = torch.cat([self.encoder(groups[:, i : i + step], state) for i in range(0, groups.shape[1], step)], 1)
+        latents = latents.permute(0, 2, 1, 3, 4)
+        if normalize:
+            latents = (latents - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(1, -1, 1, 1, 1)
+        return latents
+
+    def decode(self, latents: torch.Tensor, chunk_steps: int | None = None, normalized: bool = True) -> torch.Tensor:
+        """(B, C, N, h, w) -> (B, 3, 1 + 4(N-1), 16h, 16w)."""
+        if normalized:
+            latents = latents * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
+        latents = latents.permute(0, 2, 1, 3, 4)
+        state = [None] * len(self.decoder.stages)
+        step = chunk_steps or latents.shape[1]
+        groups = torch.cat([self.decoder(latents[:, i : i + step], state) for i in range(0, latents.shape[1], step)], 1)
+        return self._from_groups(groups)
+
+    def forward(self, video):
+        return self.decode(self.encode(video, normalize=False), normalized=False)
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, metadata: dict | None = None):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps({**asdict(self.cfg), **(metadata or {})}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path | None = None) -> "VideoAutoencoder":
+        directory = Path(directory) if directory is not None else default_weights_dir()
+        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+        if not config_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(f"no autoencoder checkpoint in {directory} (need config.json and model.safetensors)")
+        fields = AutoencoderConfig.__dataclass_fields__
+        raw = json.loads(config_path.read_text())
+        cfg = AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
+        model = cls(cfg)
+        model.load_state_dict(load_file(weights_path))
+        return model.eval()
+
+
+def default_weights_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "weights" / "autoencoder"

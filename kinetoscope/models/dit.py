@@ -1,0 +1,240 @@
+"""Diffusion transformer over spacetime latent patches, conditioned on text (DiT style).
+
+One model for every size, aspect ratio and duration, images included: the latent video is cut
+into patches of (pt, ph, pw) latent cells, positions enter only through 3D rotary embeddings in
+attention, so nothing is tied to one grid. Each block: self-attention over all spacetime tokens,
+cross-attention to the text tokens, MLP, each gated by adaLN-Zero from the timestep (and the
+pooled prompt), so every block starts as the identity.
+
+Shapes: latents (B, C, T, H, W); text (B, L, D_text) with mask (B, L); tokens (B, N, D).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class DiTConfig:
+    latent_channels: int = 32
+    patch: tuple[int, int, int] = (1, 1, 1)  # (time, height, width) latent cells per token
+    dim: int = 256
+    depth: int = 8
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 384
+    rope_theta: float = 100.0
+
+
+MODEL_SIZES = {
+    "tiny": dict(dim=128, depth=4, heads=2),
+    "small": dict(dim=256, depth=8, heads=4),
+    "base": dict(dim=384, depth=12, heads=6),
+    "large": dict(dim=768, depth=24, heads=12),
+}
+
+
+def config_for(size: str, **overrides) -> DiTConfig:
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose from {', '.join(MODEL_SIZES)}")
+    return DiTConfig(**{**MODEL_SIZES[size], **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions: 3D rotary embeddings, the head dimension split between time, height and width
+
+
+def rope_frequencies(head_dim: int, grid: tuple[int, int, int], theta: float, device) -> torch.Tensor:
+    """Complex rotations (N, head_dim/2) for every cell of a (T, H, W) token grid, row-major."""
+    pairs = head_dim // 2
+    split = (pairs - 2 * (pairs // 3), pairs // 3, pairs // 3)  # time gets the remainder
+    axes = []
+    for n_pairs, length in zip(split, grid):
+        freqs = 1.0 / theta ** (torch.arange(n_pairs, device=device, dtype=torch.float32) / max(n_pairs, 1))
+        axes.append(torch.outer(torch.arange(length, device=device, dtype=torch.float32), freqs))
+    t, h, w = grid
+    angles = torch.cat(
+        [
+            axes[0][:, None, None].expand(t, h, w, -1),
+            axes[1][None, :, None].expand(t, h, w, -1),
+            axes[2][None, None, :].expand(t, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(t * h * w, pairs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:  # x (B, heads, N, head_dim)
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1] (scaled by 1000, as in DiT), shape (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads)
+        self.k_norm = nn.RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rotations):  # (B, N, D)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
+        q, k = apply_rope(self.q_norm(q), rotations), apply_rope(self.k_norm(k), rotations)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads)
+        self.k_norm = nn.RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, text, text_mask):  # x (B, N, D), text (B, L, D), text_mask (B, L) bool
+        q = self.q_norm(self.q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2))
+        k, v = self.kv(text).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=text_mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(d, cfg.heads)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.cross = CrossAttention(d, cfg.heads)
+        self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+        self.adaLN = nn.Linear(d, 6 * d)  # shift/scale/gate for attention and MLP
+
+    def forward(self, x, cond, text, text_mask, rotations):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN(F.silu(cond)).chunk(6, dim=-1)
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), rotations)
+        x = x + self.cross(self.norm2(x), text, text_mask)
+        return x + gate_m[:, None] * self.mlp(modulate(self.norm3(x), shift_m, scale_m))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class DiffusionTransformer(nn.Module):
+    def __init__(self, cfg: DiTConfig = DiTConfig()):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        patch_dim = cfg.latent_channels * math.prod(cfg.patch)
+        self.patch_in = nn.Linear(patch_dim, d)
+        self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
+        self.text_pool = nn.Linear(cfg.text_dim, d)
+        self.null_text = nn.Parameter(torch.zeros(1, cfg.text_dim))  # the "no prompt" of guidance
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.adaLN_out = nn.Linear(d, 2 * d)
+        self.patch_out = nn.Linear(d, patch_dim)
+        self._init_weights()
+
+    def _init_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.null_text, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
+            nn.init.zeros_(block.adaLN.weight)
+            nn.init.zeros_(block.adaLN.bias)
+            nn.init.zeros_(block.cross.proj.weight)
+        nn.init.zeros_(self.adaLN_out.weight)
+        nn.init.zeros_(self.adaLN_out.bias)
+        nn.init.zeros_(self.patch_out.weight)
+        nn.init.zeros_(self.patch_out.bias)
+
+    def check_latent_shape(self, t: int, h: int, w: int):
+        pt, ph, pw = self.cfg.patch
+        if t % pt or h % ph or w % pw:
+            raise ValueError(f"latent grid {t}x{h}x{w} is not divisible by the patch {pt}x{ph}x{pw}")
+
+    def forward(self, latents, t, text, text_mask):
+        """latents (B, C, T, H, W), t (B,) in [0, 1], text (B, L, text_dim), text_mask (B, L) -> velocity like latents."""
+        b, c, lt, lh, lw = latents.shape
+        self.check_latent_shape(lt, lh, lw)
+        pt, ph, pw = self.cfg.patch
+        grid = (lt // pt, lh // ph, lw // pw)
+        # (B, C, T, H, W) -> (B, N, C*pt*ph*pw), tokens in (t, h, w) row-major order
+        x = latents.reshape(b, c, grid[0], pt, grid[1], ph, grid[2], pw)
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, math.prod(grid), -1)
+        x = self.patch_in(x)
+        pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
+        cond = self.time_mlp(timestep_embedding(t, 256)) + self.text_pool(pooled)
+        context = self.text_in(text)
+        rotations = rope_frequencies(self.cfg.dim // self.cfg.heads, grid, self.cfg.rope_theta, latents.device)
+        for block in self.blocks:
+            x = block(x, cond, context, text_mask, rotations)
+        shift, scale = self.adaLN_out(F.silu(cond)).chunk(2, dim=-1)
+        x = self.patch_out(modulate(self.norm_out(x), shift, scale))  # (B, N, C*pt*ph*pw)
+        x = x.reshape(b, *grid, c, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return x.reshape(b, c, lt, lh, lw)
+
+    def drop_text(self, text, text_mask, drop):
+        """Replace the prompts where drop (B,) is True by the empty prompt: one learned token.
+
+        Caption dropout in training and the unconditional half of classifier-free guidance.
+        """
+        b, length, _ = text.shape
+        null_text = torch.cat([self.null_text[None].expand(b, 1, -1), text.new_zeros(b, length - 1, text.shape[-1])], 1)
+        null_mask = torch.zeros_like(text_mask)
+        null_mask[:, 0] = True
+        return torch.where(drop[:, None, None], null_text.to(text.dtype), text), torch.where(drop[:, None], null_mask, text_mask)
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, metadata: dict | None = None):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
+        (directory / "config.json").write_text(json.dumps({**asdict(self.cfg), **(metadata or {})}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "DiffusionTransformer":
+        directory = Path(directory)
+        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+        if not config_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(f"no generator checkpoint in {directory} (need config.json and model.safetensors)")
+        raw = json.loads(config_path.read_text())
+        fields = DiTConfig.__dataclass_fields__
+        cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
+        model = cls(cfg)
+        model.load_state_dict(load_file(weights_path))
+        return model.eval()

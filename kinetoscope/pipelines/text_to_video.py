@@ -1,0 +1,138 @@
+"""Text to video, in the style of diffusers pipelines:
+
+    from kinetoscope.pipelines.text_to_video import TextToVideo
+    pipe = TextToVideo.load()                      # the shipped default model
+    video = pipe("a red circle moves to the right on a black background", seed=0)
+    video.frames  # uint8 (T, H, W, 3)
+
+The prompt is encoded by the text encoder, noise in the autoencoder's latent space is carried to
+a clean latent by the diffusion transformer (rectified flow, classifier-free guidance), and the
+autoencoder decodes it to frames.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kinetoscope.data.dataset import tensor_to_clip
+from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule
+from kinetoscope.eval.reconstruction import autocast_for
+from kinetoscope.models.autoencoder import VideoAutoencoder
+from kinetoscope.models.dit import DiffusionTransformer
+from kinetoscope.models.text_encoder import TextEncoder
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "generator"
+MAX_PROMPT_CHARS = 1000
+MAX_SIDE = 512
+MAX_FRAMES = 129  # 16 s at 8 fps
+
+
+@dataclass
+class GeneratedVideo:
+    frames: np.ndarray  # uint8 (T, H, W, 3)
+    fps: float
+    seed: int
+    timings: dict = field(default_factory=dict)  # seconds spent in text, denoise, decode
+
+
+class TextToVideo:
+    def __init__(self, transformer: DiffusionTransformer, autoencoder: VideoAutoencoder, text_encoder: TextEncoder,
+                 schedule: FlowSchedule = FlowSchedule(), fps: float = 8.0, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.transformer = transformer.to(self.device).eval()
+        self.autoencoder = autoencoder.to(self.device).eval()
+        self.text_encoder = text_encoder
+        self.schedule = schedule
+        self.fps = fps  # the frame rate the model was trained at
+
+    @classmethod
+    def load(cls, weights: str | Path | None = None, device: str | None = None) -> "TextToVideo":
+        """weights: a generator folder (transformer's config.json + model.safetensors + pipeline.json)."""
+        directory = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        transformer = DiffusionTransformer.from_pretrained(directory)
+        settings = json.loads((directory / "pipeline.json").read_text()) if (directory / "pipeline.json").is_file() else {}
+        autoencoder_dir = directory / settings["autoencoder"] if "autoencoder" in settings else None
+        autoencoder = VideoAutoencoder.from_pretrained(autoencoder_dir)
+        schedule = FlowSchedule(**settings.get("schedule", {}))
+        return cls(transformer, autoencoder, TextEncoder.load(device), schedule, settings.get("fps", 8.0), device)
+
+    # -- what the model can make ----------------------------------------------------------------
+
+    @property
+    def size_multiple(self) -> int:
+        return self.autoencoder.cfg.spatial_factor * self.transformer.cfg.patch[1]
+
+    def frames_for(self, seconds: float) -> int:
+        """1 + 4k frames at the model's frame rate, the nearest to `seconds`."""
+        step = self.autoencoder.cfg.temporal_factor * self.transformer.cfg.patch[0]
+        return 1 + step * max(0, round(seconds * self.fps / step))
+
+    def check_request(self, prompt: str, width: int, height: int, frames: int):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        m = self.size_multiple
+        if width % m or height % m or not (m <= width <= MAX_SIDE and m <= height <= MAX_SIDE):
+            raise ValueError(f"size {width}x{height} is not supported: width and height must be multiples of {m} from {m} to {MAX_SIDE}")
+        step = self.autoencoder.cfg.temporal_factor * self.transformer.cfg.patch[0]
+        if frames < 1 or (frames - 1) % step or frames > MAX_FRAMES:
+            raise ValueError(f"{frames} frames is not supported: 1 + {step}k frames, at most {MAX_FRAMES}")
+
+    # -- generation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, width: int = 128, height: int = 128, frames: int = 17, steps: int = 20,
+                 guidance: float = 4.0, seed: int = 0, sampler: str = "euler", on_step=None) -> GeneratedVideo:
+        self.check_request(prompt, width, height, frames)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        if steps < 1 or steps > 1000:
+            raise ValueError("steps must be between 1 and 1000")
+        timings = {}
+        start = time.perf_counter()
+        text, mask = (v.to(self.device) for v in self.text_encoder.encode([prompt]))
+        timings["text"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        latent_shape = self.autoencoder.latent_shape(frames, height, width)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn((1, *latent_shape), generator=generator).to(self.device)
+        velocity = self.guided_velocity(text, mask, guidance)
+        tokens = int(np.prod(latent_shape[1:])) // int(np.prod(self.transformer.cfg.patch))
+        times = self.schedule.sampling_times(steps, tokens, device=self.device)
+        latents = SAMPLERS[sampler](velocity, noise, times, on_step)
+        timings["denoise"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        with autocast_for(self.device):
+            video = self.autoencoder.decode(latents)
+        frames_out = tensor_to_clip(video[0])
+        timings["decode"] = time.perf_counter() - start
+        return GeneratedVideo(frames_out, self.fps, seed, timings)
+
+    def guided_velocity(self, text, mask, guidance: float):
+        """Classifier-free guidance: v = v_uncond + g (v_cond - v_uncond), both in one batch."""
+        if guidance == 1.0:
+            def velocity(x, t):
+                with autocast_for(self.device):
+                    return self.transformer(x, t, text, mask).float()
+            return velocity
+        both_text, both_mask = self.transformer.drop_text(
+            text.expand(2, -1, -1), mask.expand(2, -1), torch.tensor([False, True], device=self.device)
+        )
+
+        def velocity(x, t):
+            with autocast_for(self.device):
+                v = self.transformer(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask).float()
+            conditional, unconditional = v.chunk(2)
+            return unconditional + guidance * (conditional - unconditional)
+
+        return velocity

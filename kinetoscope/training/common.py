@@ -1,0 +1,113 @@
+"""What every training run shares: TOML recipes, resumable checkpoints, the log and its loss curve."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+
+def load_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no recipe at {path}")
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def learning_rate(step: int, peak: float, warmup: int, progress: float, floor: float = 0.05) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to floor * peak as progress goes 0 -> 1."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, max(0.0, progress))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_progress(step: int, total_steps: int, elapsed_s: float, minutes: float | None) -> float:
+    """How far through its budget a run is: steps, or wall time when that runs out first.
+
+    A CPU run is bounded by the session's time, so the learning rate anneals by whichever
+    budget ends first rather than being cut off at its peak.
+    """
+    by_steps = step / total_steps
+    return max(by_steps, elapsed_s / (minutes * 60)) if minutes else by_steps
+
+
+class RunDirectory:
+    """runs/NAME/: checkpoint/ (resumable state), log.jsonl, loss.png, samples/."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.checkpoint = self.root / "checkpoint"
+        self.log_path = self.root / "log.jsonl"
+        (self.root / "samples").mkdir(parents=True, exist_ok=True)
+
+    def has_checkpoint(self) -> bool:
+        return (self.checkpoint / "state.json").is_file()
+
+    def save(self, model, optimizer, state: dict, save_model):
+        """Write to a temporary folder, then swap it in, so a crash never leaves half a checkpoint."""
+        staging = self.root / "checkpoint.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        save_model(model, staging)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        (staging / "state.json").write_text(json.dumps(state, indent=2))
+        previous = self.root / "checkpoint.old"
+        if self.checkpoint.exists():
+            self.checkpoint.rename(previous)
+        staging.rename(self.checkpoint)
+        if previous.exists():
+            shutil.rmtree(previous)
+
+    def load_state(self, optimizer) -> dict:
+        optimizer.load_state_dict(torch.load(self.checkpoint / "optimizer.pt", weights_only=True))
+        return json.loads((self.checkpoint / "state.json").read_text())
+
+    def log(self, record: dict):
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.log_path.is_file():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def plot_loss(self, keys: tuple[str, ...] = ("loss",), title: str = "training loss"):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.records()
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, label=key, linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.root / "loss.png", dpi=100)
+        plt.close(fig)
+
+
+class Stopwatch:
+    """Wall time that survives resumes: elapsed seconds carried in the checkpoint plus this process's."""
+
+    def __init__(self, carried: float = 0.0):
+        self.carried = carried
+        self.started = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return self.carried + time.monotonic() - self.started

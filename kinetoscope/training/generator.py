@@ -1,0 +1,221 @@
+"""Train the diffusion transformer on Shapes World latents from a TOML recipe.
+
+    kinetoscope train --recipe configs/generator.toml [--output runs/generator] [--minutes M]
+    torchrun --nproc-per-node N -m kinetoscope train --recipe configs/generator.toml
+
+Clips are rendered on the fly, encoded by the frozen autoencoder and captioned by the frozen
+text encoder; held-out combinations and phrasings never appear (the dataset's train split).
+Resumes from OUTPUT/checkpoint; keeps an EMA of the weights, which is what gets exported.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from kinetoscope.data.dataset import Bucket, ShapesWorldDataset
+from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, velocity_target
+from kinetoscope.eval.reconstruction import autocast_for
+from kinetoscope.models.autoencoder import VideoAutoencoder
+from kinetoscope.models.dit import DiffusionTransformer, config_for
+from kinetoscope.models.text_encoder import TextEncoder
+from kinetoscope.training.common import RunDirectory, Stopwatch, learning_rate, load_recipe, run_progress
+
+TIME_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # loss is logged per band of t
+
+
+def start_distributed() -> tuple[int, int]:
+    """(rank, world size); under torchrun this joins the process group (gloo on CPU, nccl on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device_for(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class LatentBatches:
+    """Turns rendered, captioned batches into (latents, text states, text mask)."""
+
+    def __init__(self, autoencoder: VideoAutoencoder, text_encoder: TextEncoder, device: torch.device):
+        self.autoencoder = autoencoder.to(device).eval().requires_grad_(False)
+        self.text_encoder = text_encoder
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, batch: dict):
+        video = batch["video"].to(self.device, non_blocking=True)
+        with autocast_for(self.device):
+            latents = self.autoencoder.encode(video).float()
+        text, mask = self.text_encoder.encode(batch["caption"])
+        return latents, text.to(self.device), mask.to(self.device)
+
+
+def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_dropout: float, generator=None):
+    """Velocity MSE per sample (B,), and the times it was drawn at."""
+    b = latents.shape[0]
+    tokens = int(np.prod(latents.shape[2:])) // int(np.prod(model_config(model).patch))
+    t = schedule.sample_training_times(b, tokens, generator=generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    drop = (torch.rand(b, generator=generator) < caption_dropout).to(latents.device)
+    text, mask = unwrap(model).drop_text(text, mask, drop)
+    with autocast_for(latents.device):
+        prediction = model(add_noise(latents, noise, t), t, text, mask)
+    per_sample = F.mse_loss(prediction.float(), velocity_target(latents, noise), reduction="none").flatten(1).mean(1)
+    return per_sample, t
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def model_config(model):
+    return unwrap(model).cfg
+
+
+def training_stream(recipe: dict, step: int) -> ShapesWorldDataset:
+    data = recipe["data"]
+    return ShapesWorldDataset(
+        buckets=[Bucket.parse(b) for b in data["buckets"]],
+        bucket_weights=data.get("bucket_weights"),
+        pixels_per_batch=data["pixels_per_batch"],
+        fps=data["fps"],
+        seed=data["seed"] * 1_000_003 + step,
+        split="train",
+    )
+
+
+def save_checkpoint_model(pair, directory: Path):
+    model, ema = pair
+    unwrap(model).save_pretrained(directory)
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, directory / "ema.safetensors")
+
+
+def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None) -> Path | None:
+    recipe = load_recipe(recipe_path)
+    settings = recipe["train"]
+    total_steps = steps or settings["steps"]
+    minutes = minutes if minutes is not None else settings.get("minutes")
+    rank, world_size = start_distributed()
+    device = device_for(rank)
+    torch.manual_seed(settings["seed"] + rank)
+    run = RunDirectory(output or settings["output"])
+    main_process = rank == 0
+
+    model = DiffusionTransformer(config_for(recipe["model"]["size"], **recipe["model"].get("overrides", {}))).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
+    step, carried = 0, 0.0
+    if run.has_checkpoint():
+        model.load_state_dict(load_file(run.checkpoint / "model.safetensors", device=str(device)))
+        ema.load_state_dict(load_file(run.checkpoint / "ema.safetensors", device=str(device)))
+        state = run.load_state(optimizer)
+        step, carried = state["step"], state["elapsed_s"]
+        if main_process:
+            print(f"resuming from step {step} ({carried / 60:.1f} min so far)")
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    clock = Stopwatch(carried)
+    schedule = FlowSchedule(**recipe.get("schedule", {}))
+    autoencoder = VideoAutoencoder.from_pretrained(recipe["data"].get("autoencoder"))
+    to_latents = LatentBatches(autoencoder, TextEncoder.load(device), device)
+    stream = iter(torch.utils.data.DataLoader(training_stream(recipe, step), batch_size=None, num_workers=settings["workers"]))
+    band_losses = {i: [] for i in range(len(TIME_BUCKETS) - 1)}
+
+    def checkpoint():
+        if main_process:
+            run.save((model, ema), optimizer, {"step": step, "elapsed_s": clock.elapsed, "recipe": recipe}, save_checkpoint_model)
+
+    last_checkpoint = time.monotonic()
+    bar = tqdm(total=total_steps, initial=step, desc="generator", dynamic_ncols=True, disable=not main_process)
+    model.train()
+    while (fraction := run_progress(step, total_steps, clock.elapsed, minutes)) < 1.0:
+        batch = next(stream)
+        latents, text, mask = to_latents(batch)
+        lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"])
+        loss = per_sample.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(settings["ema_decay"], (1 + step) / (10 + step))  # short memory while young
+            torch._foreach_lerp_(list(ema.parameters()), list(unwrap(model).parameters()), 1 - decay)
+        for value, time_value in zip(per_sample.tolist(), t.tolist()):
+            band_losses[min(int(time_value * 5), 4)].append(value)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", bucket=str(batch["bucket"]))
+        if main_process and step % settings["log_every"] == 0:
+            record = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr,
+                      "bucket": str(batch["bucket"]), "elapsed_s": round(clock.elapsed, 1)}
+            for band, values in band_losses.items():
+                if values:
+                    record[f"loss_t{TIME_BUCKETS[band]:.1f}-{TIME_BUCKETS[band + 1]:.1f}"] = float(np.mean(values))
+                values.clear()
+            run.log(record)
+        if main_process and (step % settings["eval_every"] == 0):
+            evaluate(ema, autoencoder, to_latents.text_encoder, schedule, recipe, run, step, device)
+        if time.monotonic() - last_checkpoint > settings["checkpoint_minutes"] * 60:
+            checkpoint()
+            last_checkpoint = time.monotonic()
+    bar.close()
+    checkpoint()
+    if not main_process:
+        return None
+    evaluate(ema, autoencoder, to_latents.text_encoder, schedule, recipe, run, step, device)
+    return export(ema, recipe, run, step, clock.elapsed, device)
+
+
+@torch.no_grad()
+def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory, step: int, device):
+    """Generate the recipe's sample prompts with the EMA weights, judge them, save a contact sheet."""
+    from kinetoscope.data.captions import parse_prompt
+    from kinetoscope.eval.judge import judge
+    from kinetoscope.media.video import save_contact_sheet
+    from kinetoscope.pipelines.text_to_video import TextToVideo
+
+    pipe = TextToVideo(ema, autoencoder, text_encoder, schedule, recipe["data"]["fps"], device)
+    clips, labels, passed = [], [], 0
+    for i, prompt in enumerate(recipe["eval"]["prompts"]):
+        video = pipe(prompt, seed=i, steps=recipe["eval"]["steps"], guidance=recipe["eval"]["guidance"])
+        verdict = judge(video.frames, parse_prompt(prompt), video.fps)
+        passed += verdict.passed
+        clips.append(video.frames)
+        labels.append(f"{'PASS' if verdict.passed else 'FAIL'}  {prompt}")
+    ema.train(False)
+    run.log({"step": step, "eval_judge_pass": passed / len(clips)})
+    save_contact_sheet(run.root / "samples" / f"samples_{step:06d}.png", clips, labels)
+    band_keys = tuple(f"loss_t{TIME_BUCKETS[i]:.1f}-{TIME_BUCKETS[i + 1]:.1f}" for i in range(len(TIME_BUCKETS) - 1))
+    run.plot_loss(("loss", *band_keys), title=f"generator loss (judge pass {passed}/{len(clips)} at step {step})")
+
+
+def export(ema, recipe: dict, run: RunDirectory, step: int, elapsed: float, device) -> Path:
+    """Write the EMA weights (bf16) and the pipeline settings to OUTPUT/final."""
+    final = run.root / "final"
+    hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    copy.deepcopy(ema).to(torch.bfloat16).save_pretrained(
+        final, {"trained_steps": step, "wall_time_s": round(elapsed), "hardware": hardware}
+    )
+    settings = {"autoencoder": "../autoencoder", "fps": recipe["data"]["fps"], "schedule": recipe.get("schedule", {})}
+    (final / "pipeline.json").write_text(json.dumps(settings, indent=2) + "\n")
+    print(f"exported weights to {final} after {step} steps, {elapsed / 60:.1f} min")
+    return final

@@ -1,0 +1,118 @@
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kinetoscope.models import text_encoder
+from kinetoscope.models.text_encoder import TextEncoder, TextEncoderWeightsError
+
+PROMPTS = [
+    "two small yellow squares slide up quickly on a gray background",
+    "a red circle",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    # Any attempt to open a connection while loading fails the test: loading must be offline.
+    def refuse(*args, **kwargs):
+        raise AssertionError("the text encoder tried to use the network")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", refuse)
+        yield TextEncoder.load("cpu")
+
+
+def record_model_batches(encoder) -> list[int]:
+    """Batch sizes of the model's forward passes, in order."""
+    batches = []
+    encoder.model.register_forward_hook(
+        lambda module, args, kwargs, output: batches.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    return batches
+
+
+def mean_pooled(encoder, prompt):
+    states, mask = encoder.encode([prompt])
+    return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+def test_shapes_and_mask(encoder):
+    states, mask = encoder.encode(PROMPTS)
+    lengths = [len(encoder.tokenizer(p)["input_ids"]) for p in PROMPTS]
+    assert encoder.dim == 384
+    assert states.shape == (3, max(lengths), 384) and states.dtype == torch.float32
+    assert mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == lengths
+    assert lengths[2] == 2  # an empty prompt still has [CLS] and [SEP]
+    assert torch.all(states[~mask] == 0)
+
+
+def test_deterministic_and_padding_only_rounds(encoder):
+    states, mask = encoder.encode(PROMPTS)
+    fresh = TextEncoder(encoder.tokenizer, encoder.model, encoder.device)  # same weights, empty cache
+    again, again_mask = fresh.encode(PROMPTS)
+    assert torch.equal(again, states) and torch.equal(again_mask, mask)
+    for i, prompt in enumerate(PROMPTS):
+        alone, alone_mask = TextEncoder(encoder.tokenizer, encoder.model, encoder.device).encode([prompt])
+        length = alone.shape[1]
+        assert torch.equal(alone_mask[0], mask[i, :length])
+        torch.testing.assert_close(alone[0], states[i, :length], rtol=0, atol=1e-5)
+
+
+def test_cache_is_hit_and_identical():
+    encoder = TextEncoder.load("cpu")
+    batches = record_model_batches(encoder)
+    first, _ = encoder.encode(PROMPTS[:2])
+    mixed, mixed_mask = encoder.encode([PROMPTS[1], "a blue square grows on white", PROMPTS[0], PROMPTS[0]])
+    assert batches == [2, 1]  # only the one new prompt ran through the model
+    assert torch.equal(mixed[2], first[0]) and torch.equal(mixed[3], first[0])
+    length = mixed_mask[0].sum()
+    assert torch.equal(mixed[0, :length], first[1, :length])
+    mixed.zero_()  # returned tensors are copies: the cache is untouched
+    again, _ = encoder.encode(PROMPTS[:2])
+    assert torch.equal(again, first) and batches == [2, 1]
+
+
+def test_cache_is_bounded_lru():
+    encoder = TextEncoder.load("cpu")
+    encoder.cache_size = 2
+    batches = record_model_batches(encoder)
+    encoder.encode(["a", "b"])
+    encoder.encode(["a"])  # refreshes "a", so "b" is now the oldest
+    encoder.encode(["c"])
+    encoder.encode(["a"])
+    assert batches == [2, 1]
+    encoder.encode(["b"])
+    assert batches == [2, 1, 1]
+
+
+def test_truncation(encoder):
+    long_prompt = " ".join(["a red circle moves left"] * 20)
+    states, mask = encoder.encode([long_prompt, "a red circle"], max_tokens=16)
+    assert states.shape == (2, 16, 384)
+    assert mask[0].all()
+    default_states, _ = encoder.encode([long_prompt])
+    assert default_states.shape[1] == text_encoder.MAX_TOKENS
+    # Truncated prompts are encoded afresh, not cut from a longer cached encoding.
+    assert not torch.equal(default_states[0, :15], states[0, :15])
+
+
+def test_similar_prompts_are_closer(encoder):
+    anchor = mean_pooled(encoder, "a red circle moves left")
+    paraphrase = mean_pooled(encoder, "a red ball slides to the left")
+    unrelated = mean_pooled(encoder, "a blue square grows on white")
+    assert F.cosine_similarity(anchor, paraphrase) > F.cosine_similarity(anchor, unrelated) + 0.1
+
+
+def test_hash_mismatch_raises(monkeypatch):
+    monkeypatch.setattr(text_encoder, "WEIGHTS_SHA256", "0" * 64)
+    with pytest.raises(TextEncoderWeightsError, match="SHA-256"):
+        TextEncoder.load("cpu")
+
+
+def test_missing_weights_raise(tmp_path):
+    with pytest.raises(TextEncoderWeightsError, match="not found"):
+        TextEncoder.load("cpu", model_dir=tmp_path)
