@@ -7,7 +7,7 @@ import sys
 
 from kinetoscope.cli import common
 
-COMMAND_MODULES = ("world", "judge", "autoencoder")
+COMMAND_MODULES = ("world", "judge", "autoencoder", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -155,13 +155,22 @@ def _start_range(obj: ShapeObject, axis: int, canvas, times, duration) -> tuple[
     return float(np.max(radius - pos)), float(np.min(canvas[axis] - radius - pos))
 
 
-def _sample_object(rng: np.random.Generator, color: str) -> ShapeObject:
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    motions = [m for m in MOTIONS if not (m == "spin" and shape == "circle")]
-    motion = motions[rng.integers(len(motions))]
-    speed = list(SPEEDS)[rng.integers(len(SPEEDS))] if motion in LINEAR_MOTIONS else None
-    size = list(SIZES)[rng.integers(len(SIZES))]
-    return ShapeObject(color=color, shape=shape, size=size, motion=motion, speed=speed, start=(0.5, 0.5))
+def _fits(obj: ShapeObject, canvas, times, duration) -> bool:
+    return all(lo <= hi for lo, hi in (_start_range(obj, axis, canvas, times, duration) for axis in (0, 1)))
+
+
+def _sample_object(rng: np.random.Generator, color: str, canvas, times, duration, tries: int = 20) -> ShapeObject:
+    """Draw attributes, preferring ones that can stay inside the canvas for the whole clip."""
+    for _ in range(tries):
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        motions = [m for m in MOTIONS if not (m == "spin" and shape == "circle")]
+        motion = motions[rng.integers(len(motions))]
+        speed = list(SPEEDS)[rng.integers(len(SPEEDS))] if motion in LINEAR_MOTIONS else None
+        size = list(SIZES)[rng.integers(len(SIZES))]
+        obj = ShapeObject(color=color, shape=shape, size=size, motion=motion, speed=speed, start=(0.5, 0.5))
+        if _fits(obj, canvas, times, duration):
+            break
+    return obj
 
 
 def _overlaps(objects, canvas, times, duration) -> bool:
@@ -214,7 +223,7 @@ def sample_scene(
             count = 1
             if remaining >= 2 and rng.random() < 0.25:
                 count = int(rng.integers(2, remaining + 1))
-            kinds.append((_sample_object(rng, str(colors[len(kinds)])), count))
+            kinds.append((_sample_object(rng, str(colors[len(kinds)]), canvas, times, seconds), count))
             remaining -= count
         scene = _place(rng, kinds, canvas, times, seconds)
         if scene is None:

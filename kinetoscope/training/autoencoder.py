@@ -50,7 +50,7 @@ def training_stream(recipe: dict, step: int) -> ShapesWorldDataset:
 def latent_statistics(model: VideoAutoencoder, recipe: dict, batches: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of raw latents over training buckets."""
     device = next(model.parameters()).device
-    stream = iter(training_stream(recipe, step=-1))
+    stream = iter(training_stream(recipe, step=0))
     latents = []
     for _ in range(batches):
         with autocast_for(device):

@@ -1,0 +1,90 @@
+"""`kinetoscope generate`, `kinetoscope train`, `kinetoscope eval` and `kinetoscope bench`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kinetoscope.cli import common
+
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
+
+
+def register(subparsers):
+    generate = subparsers.add_parser("generate", help="generate a video (or a .png image) from a prompt")
+    generate.add_argument("prompt")
+    generate.add_argument("--output", "-o", required=True, help="out.mp4, out.gif, out.webp or out.png")
+    generate.add_argument("--seconds", type=common.positive_float, default=2.0)
+    generate.add_argument("--size", type=common.parse_size, default=(128, 128), help="WxH (default 128x128)")
+    generate.add_argument("--fps", type=common.positive_float, default=8.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--steps", type=common.positive_int, default=20)
+    generate.add_argument("--guidance", type=float, default=4.0)
+    generate.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    generate.add_argument("--weights", help="generator folder (default: the shipped model)")
+    generate.set_defaults(handler=run_generate)
+
+    train = subparsers.add_parser("train", help="train the generator from a recipe (resumes; works under torchrun)")
+    train.add_argument("--recipe", default="configs/generator.toml")
+    train.add_argument("--output", help="run directory (default: the recipe's)")
+    train.add_argument("--minutes", type=common.positive_float, help="wall-time budget (default: the recipe's)")
+    train.add_argument("--steps", type=common.positive_int, help="step budget (default: the recipe's)")
+    train.set_defaults(handler=run_train)
+
+
+def load_pipeline(weights: str | None):
+    from kinetoscope.pipelines.text_to_video import TextToVideo
+
+    try:
+        return TextToVideo.load(weights)
+    except FileNotFoundError as error:
+        raise common.UsageError(str(error)) from None
+
+
+def retime(frames, source_fps: float, target_fps: float, seconds: float):
+    """Resample in time by nearest frame, so motion keeps its speed at any output frame rate."""
+    import numpy as np
+
+    count = max(1, round(seconds * target_fps) + 1)
+    index = np.minimum(np.rint(np.arange(count) * source_fps / target_fps).astype(int), len(frames) - 1)
+    return frames[index]
+
+
+def run_generate(args) -> int:
+    from tqdm import tqdm
+
+    from kinetoscope.media.video import VideoError, write_video
+
+    output = Path(args.output)
+    image = output.suffix.lower() == ".png"
+    if not image and output.suffix.lower() not in VIDEO_SUFFIXES:
+        raise common.UsageError(f"output must end in .png, {', '.join(VIDEO_SUFFIXES)}; got {output.name!r}")
+    if args.seconds > 16:
+        raise common.UsageError(f"--seconds {args.seconds:g} is too long; at most 16")
+    pipe = load_pipeline(args.weights)
+    width, height = args.size
+    frames = 1 if image else pipe.frames_for(args.seconds)
+    try:
+        pipe.check_request(args.prompt, width, height, frames)
+    except ValueError as error:
+        raise common.UsageError(str(error)) from None
+    with tqdm(total=args.steps, desc="denoising", unit="step") as bar:
+        video = pipe(args.prompt, width=width, height=height, frames=frames, steps=args.steps,
+                     guidance=args.guidance, seed=args.seed, sampler=args.sampler,
+                     on_step=lambda done, total: bar.update(1))
+    result = video.frames if image else retime(video.frames, video.fps, args.fps, args.seconds)
+    try:
+        write_video(output, result, args.fps)
+    except (ValueError, VideoError, OSError) as error:
+        raise common.UsageError(f"cannot write {output}: {error}") from None
+    timing = ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
+    print(f"wrote {output}: {len(result)} frame(s) of {width}x{height} at {args.fps:g} fps, seed {args.seed} ({timing})")
+    return 0
+
+
+def run_train(args) -> int:
+    from kinetoscope.training.generator import train
+
+    if not Path(args.recipe).is_file():
+        raise common.UsageError(f"no recipe at {args.recipe}")
+    train(args.recipe, output=args.output, minutes=args.minutes, steps=args.steps)
+    return 0
