@@ -20,7 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # argparse's own errors (exit 2) and --help (exit 0)
+        return int(exit_request.code or 0)
     try:
         return int(args.handler(args) or 0)
     except common.UsageError as error:

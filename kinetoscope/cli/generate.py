@@ -30,6 +30,23 @@ def register(subparsers):
     train.add_argument("--steps", type=common.positive_int, help="step budget (default: the recipe's)")
     train.set_defaults(handler=run_train)
 
+    evaluate = subparsers.add_parser("eval", help="generate held-out prompts and score them with the judge")
+    evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
+    evaluate.add_argument("--steps", type=common.positive_int, default=20)
+    evaluate.add_argument("--guidance", type=float, default=4.0)
+    evaluate.add_argument("--weights", help="generator folder (default: the shipped model)")
+    evaluate.add_argument("--report", help="also write the results as JSON here")
+    evaluate.set_defaults(handler=run_eval)
+
+    bench = subparsers.add_parser("bench", help="seconds per clip by stage, real-time factor, FLOP/s, memory")
+    bench.add_argument("--size", type=common.parse_size, default=(128, 128))
+    bench.add_argument("--seconds", type=common.positive_float, default=2.0)
+    bench.add_argument("--steps", type=common.positive_int, default=20)
+    bench.add_argument("--guidance", type=float, default=4.0)
+    bench.add_argument("--repeats", type=common.positive_int, default=5)
+    bench.add_argument("--weights", help="generator folder (default: the shipped model)")
+    bench.set_defaults(handler=run_bench)
+
 
 def load_pipeline(weights: str | None):
     from kinetoscope.pipelines.text_to_video import TextToVideo
@@ -87,4 +104,47 @@ def run_train(args) -> int:
     if not Path(args.recipe).is_file():
         raise common.UsageError(f"no recipe at {args.recipe}")
     train(args.recipe, output=args.output, minutes=args.minutes, steps=args.steps)
+    return 0
+
+
+def run_eval(args) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from kinetoscope.eval.generation import TIERS, evaluate_generator
+
+    pipe = load_pipeline(args.weights)
+    with tqdm(total=args.per_tier * len(TIERS), desc="held-out prompts", unit="clip") as bar:
+        result = evaluate_generator(pipe, args.per_tier, {"steps": args.steps, "guidance": args.guidance},
+                                    progress=lambda item, verdict: bar.update(1))
+    for tier, scores in result["tiers"].items():
+        attributes = ", ".join(f"{name} {rate:.0%}" for name, rate in scores["attributes"].items())
+        print(f"{tier}: {scores['fully_right']:.1%} of {scores['prompts']} prompts fully right; per attribute: {attributes}")
+    for item, failed in result["failures"][:10]:
+        print(f"  failed [{item.tier}] {item.prompt!r}: {'; '.join(failed)}")
+    if args.report:
+        failures = [{"tier": item.tier, "prompt": item.prompt, "failed": failed} for item, failed in result["failures"]]
+        Path(args.report).write_text(json.dumps({"tiers": result["tiers"], "failures": failures}, indent=2) + "\n")
+    return 0
+
+
+def run_bench(args) -> int:
+    from kinetoscope.eval.bench import benchmark_generation
+
+    pipe = load_pipeline(args.weights)
+    width, height = args.size
+    frames = pipe.frames_for(args.seconds)
+    try:
+        pipe.check_request("bench", width, height, frames)
+    except ValueError as error:
+        raise common.UsageError(str(error)) from None
+    r = benchmark_generation(pipe, width, height, frames, args.steps, args.guidance, args.repeats)
+    stages = ", ".join(f"{k} {v:.3f} s" for k, v in r["stages_s"].items())
+    print(f"clip: {r['clip']}")
+    print(f"seconds per clip: {r['total_s']:.3f} ({stages})")
+    print(f"real-time factor: {r['real_time_factor']:.2f}x (clip seconds / wall seconds)")
+    print(f"denoiser: {r['denoiser_flops_per_s'] / 1e9:.0f} GFLOP/s = {r['fraction_of_matmul_rate']:.0%} of the "
+          f"bf16 matmul rate measured now ({r['bf16_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)")
+    print(f"peak memory: {r['peak_memory_mib']:.0f} MiB")
     return 0

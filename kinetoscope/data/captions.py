@@ -187,6 +187,7 @@ VERBS = (
     Verb("spin", "twirls", "twirl", "twirling"),
     Verb("spin", "rotates", "rotate", "rotating", use=HELDOUT),
 )
+# Counts past three are known words so that "four balls" is refused as too many, not as unknown.
 NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
 GROUP_COUNT_WORDS = {2: ("two", "a pair of"), 3: ("three",)}  # what the generator writes for a group
 ARTICLES = {"a": 0.6, "one": 0.2, "the": 0.2}  # for one object, with how often each is written
@@ -221,7 +222,7 @@ BACKGROUND_PREFIXES = (  # held out: only split="heldout" puts the background fi
 
 
 _TOKEN = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
-SEPARATORS = frozenset({",", ";", ":", ".", "!", "and", "while"})  # between clauses
+SEPARATORS = frozenset({",", ";", ":", ".", "!", "?", "and", "while"})  # between clauses
 
 
 def _tokenize(text: str) -> list[str]:
@@ -250,7 +251,7 @@ def _words(entries: Sequence[Word]) -> _Phrases:
 
 
 def _determiners() -> _Phrases:
-    """ "a" -> (definite, count): a/an/one -> 1, "the" -> unknown count, "the two" -> 2, ..."""
+    """Determiner -> (definite, count): a/an/one -> 1, "the" -> count unknown, "the two" -> 2, ..."""
     pairs = [("a", (False, 1)), ("an", (False, 1)), ("the", (True, None))]
     for count, texts in GROUP_COUNT_WORDS.items():
         pairs += [(text, (False, count)) for text in texts]
@@ -277,11 +278,13 @@ _ALL_PHRASES = (
     _NOUNS, _COLORS, _SIZES, _SPEEDS, _BACKGROUNDS, _DIRECTIONS, _RELATIONS, _VERBS, _PROGRESSIVES, _COPULAS,
     _THERE, _DETERMINERS, _THAT, _WITH, _ARTICLES, _RELATION_VERBS, _THE_BACKGROUND_IS,
     _BACKGROUND_PREPOSITIONS, _BACKGROUND_NOUNS,
-)  # fmt: skip
+)
 KNOWN_WORDS = frozenset(token for phrases in _ALL_PHRASES for key in phrases for token in key) | SEPARATORS
 
 
-_ENTRIES = (*NOUNS, *COLOR_WORDS, *BACKGROUND_WORDS, *SIZE_WORDS, *SPEED_WORDS, *DIRECTION_WORDS, *RELATION_WORDS, *VERBS)
+_ENTRIES = (
+    *NOUNS, *COLOR_WORDS, *BACKGROUND_WORDS, *SIZE_WORDS, *SPEED_WORDS, *DIRECTION_WORDS, *RELATION_WORDS, *VERBS
+)
 
 
 def _surface_texts(entry: Word | Noun | Verb) -> tuple[str, ...]:
@@ -396,7 +399,7 @@ def _objects_first(groups, sp: _Speaker, there_is: bool) -> str:
 
 
 def _relation_first(groups, relation, sp: _Speaker, there_is: bool) -> str:
-    """ "a green box left of an orange disc; the box grows and the disc spins" """
+    """Relation, then references back: "a green box left of an orange disc; the box grows and ..."."""
     first, name, second = relation
     objects = {obj.color: obj for obj, _ in groups}
     articles = INDEFINITE_ARTICLES if there_is else ARTICLES
@@ -441,7 +444,7 @@ def _join(clauses: list[str], joiners: tuple[str, ...], sp: _Speaker) -> str:
 
 
 def _introduce(obj: ShapeObject, count: int, sp: _Speaker, articles: dict[str, float] = ARTICLES) -> str:
-    """ "a big blue triangle", "two small yellow squares" """
+    """A first mention: "a big blue triangle", "two small yellow squares"."""
     noun = sp.noun(obj)
     words = [obj.color, noun.plural if count > 1 else noun.singular]
     if sp.maybe(SAY_SIZE):
@@ -465,7 +468,7 @@ def _reference(obj: ShapeObject, groups, sp: _Speaker) -> str:
 
 
 def _predicate(obj: ShapeObject, count: int, sp: _Speaker) -> str:
-    """ "slide up quickly", "is spinning", "does not move" (agreeing with `count`)."""
+    """What it does, agreeing with `count`: "slide up quickly", "is spinning", "does not move"."""
     is_linear = obj.motion in LINEAR_MOTIONS
     verb = sp.word([v for v in VERBS if v.motion == obj.motion or (is_linear and v.motion == LINEAR)])
     plural = count > 1
@@ -663,7 +666,7 @@ def _clause_to_end(cur: _Cursor, core) -> list:
 
 
 def _read_object_clause(cur: _Cursor) -> _ObjectClause:
-    """ "[there is] a red ball [that] bounces", or just "a red ball" """
+    """Object clause: "[there is] a red ball [that] bounces", or just "a red ball"."""
     there = cur.take(_THERE)
     mention = _read_mention(cur)
     if cur.take(_THAT):
@@ -676,7 +679,7 @@ def _read_object_clause(cur: _Cursor) -> _ObjectClause:
 
 
 def _read_relation_clause(cur: _Cursor) -> _RelationClause:
-    """ "[with | there is] a green box [is | starts] left of an orange disc" """
+    """Relation clause: "[with | there is] a green box [is | starts] left of an orange disc"."""
     there = None if cur.take(_WITH) else cur.take(_THERE)
     a = _read_mention(cur)
     cur.take(_RELATION_VERBS)
@@ -685,13 +688,17 @@ def _read_relation_clause(cur: _Cursor) -> _RelationClause:
 
 
 def _read_background_clause(cur: _Cursor) -> _BackgroundClause:
-    """ "on white", "on a white background", "white background", "the background is white" """
+    """Background: "on white", "on a white background", "white background", "the background is white"."""
     expected = "a background colour (black, white or gray)"
     if cur.take(_THE_BACKGROUND_IS):
         return _BackgroundClause(cur.need(_BACKGROUNDS, expected))
     preposition = cur.take(_BACKGROUND_PREPOSITIONS)
     article = cur.take(_ARTICLES)
-    background = cur.need(_BACKGROUNDS, expected)
+    background = cur.take(_BACKGROUNDS)
+    if background is None:
+        if preposition:
+            cur.fail(expected)  # "on a red background": the colour is the mistake
+        raise _NoMatch  # no background at all ("the red ball"), so nothing worth reporting
     # A bare colour is no background ("..., white"): it takes "on ..." or "... background".
     if not cur.take(_BACKGROUND_NOUNS) and (article or not preposition):
         cur.fail("'background'")
@@ -699,7 +706,7 @@ def _read_background_clause(cur: _Cursor) -> _BackgroundClause:
 
 
 def _read_mention(cur: _Cursor) -> _Mention:
-    """ "[determiner] [size] [colour] shape" """
+    """Mention of an object: [determiner] [size] [colour] shape."""
     start = cur.pos
     definite, count = cur.take(_DETERMINERS) or (False, None)
     size = cur.take(_SIZES)
@@ -718,7 +725,7 @@ def _read_mention(cur: _Cursor) -> _Mention:
 
 
 def _read_predicate(cur: _Cursor) -> _Predicate:
-    """ "[speed] verb [speed] [direction] [speed]", the verb maybe progressive: "is [speed] sliding" """
+    """Predicate: [speed] verb [speed] [direction] [speed], the verb maybe progressive ("is [speed] sliding")."""
     speeds = _read_speed(cur)
     start = cur.pos
     found = cur.take(_VERBS)
@@ -761,9 +768,10 @@ class _SceneBuilder:
         self.kinds: dict[str, _Kind] = {}
         self.background: str | None = None
         self.relation: tuple[str, str, str] | None = None
-        # Only the opening clause may introduce objects with "the": later, in a relation,
-        # "the green box" must be an object the prompt has already named.
+        # "the green box" in a relation after the opening clause refers to an object the prompt
+        # names elsewhere; these are the colours still waiting for that.
         self.opening = True
+        self.unconfirmed: dict[str, str] = {}
 
     def fail(self, message: str) -> NoReturn:
         raise PromptError(f"{message} in prompt {self.text!r}")
@@ -781,6 +789,8 @@ class _SceneBuilder:
     def scene(self) -> Scene:
         if not self.kinds:
             self.fail("no object named")
+        for color, words in self.unconfirmed.items():
+            self.fail(f"the relation names {words!r}, but no {color} object is in the scene")
         objects = tuple(
             ShapeObject(color=k.color, shape=k.shape, size=k.size, motion=k.motion, speed=k.speed, start=None)
             for k in self.kinds.values()
@@ -789,7 +799,8 @@ class _SceneBuilder:
         return Scene(objects=objects, background=self.background, relation=self.relation)
 
     def _describe(self, clause: _ObjectClause) -> None:
-        kind = self._object(clause.mention, introduce_definite=True)
+        kind = self._object(clause.mention)
+        self.unconfirmed.pop(kind.color, None)
         self._check_there(clause.there, clause.mention)
         p = clause.predicate
         if p is None:
@@ -802,8 +813,8 @@ class _SceneBuilder:
 
     def _relate(self, clause: _RelationClause) -> None:
         self._check_there(clause.there, clause.a)
-        a = self._object(clause.a, introduce_definite=self.opening)
-        b = self._object(clause.b, introduce_definite=self.opening)
+        a = self._object(clause.a, in_later_relation=not self.opening)
+        b = self._object(clause.b, in_later_relation=not self.opening)
         for kind, mention in ((a, clause.a), (b, clause.b)):
             if kind.count != 1:
                 self.fail(f"a relation holds between two single objects, not {mention.words!r}")
@@ -814,7 +825,7 @@ class _SceneBuilder:
             self.fail(f"a second relation {clause.relation.text!r} (a scene states at most one)")
         self.relation = relation
 
-    def _object(self, m: _Mention, introduce_definite: bool) -> _Kind:
+    def _object(self, m: _Mention, in_later_relation: bool = False) -> _Kind:
         """The kind a mention refers to, introducing it when it is new."""
         count = self._count(m)
         if m.color is None:
@@ -823,10 +834,11 @@ class _SceneBuilder:
             kind = self.kinds[m.color]
             if not m.definite or kind.shape != m.shape:
                 self.fail(f"colour {m.color!r} names two objects, {kind.words!r} and {m.words!r}")
-        elif m.definite and not introduce_definite:
-            self.fail(f"the relation names {m.words!r}, but no {m.color} object is in the scene")
         else:
-            return self._introduce(m, count)
+            kind = self._introduce(m, count)
+            if m.definite and in_later_relation:
+                self.unconfirmed[m.color] = m.words
+            return kind
         if count not in (None, kind.count):
             self.fail(f"{m.words!r} does not match {kind.words!r}")
         kind.size = self._agree(kind.size, m.size, m.words)
@@ -850,7 +862,7 @@ class _SceneBuilder:
         return kind
 
     def _by_shape(self, m: _Mention) -> _Kind:
-        """ "the box": the one object named before with that shape (and size, if given)."""
+        """The one object named before with the mention's shape (and size, if given): "the box"."""
         if not m.definite:
             self.fail(f"{m.words!r} names no colour")
         matches = [

@@ -1,15 +1,19 @@
-"""Causal video autoencoder: 4x in time, 16x in each spatial side (Sora's "video compression network").
+"""Causal video autoencoder: 4x in time, 8x or more in each spatial side (Sora's "video compression network").
 
 A clip of 1 + 4k frames becomes 1 + k latent steps. Frames are grouped causally: the first frame
 alone (repeated to fill a group, so an image is a one-frame video), then every following run of 4
 frames. Within a group, time and 4x4 pixels fold into channels (space-to-depth, as in DC-AE), so
 no convolution ever runs at full resolution; that is what makes decoding faster than real time
-on a CPU. Across groups, information flows only through CausalTimeMix layers, which see the
+on a CPU. Every change of resolution or width has a parameter-free shortcut (channel averaging
+on the way down, channel repeating on the way up, DC-AE's "residual autoencoding"), so the
+convolutions learn only a residual around plain space-to-depth; this is what lets a high
+compression train in thousands of steps rather than hundreds of thousands. Across groups, information flows only through CausalTimeMix layers, which see the
 current and the previous step: a latent never depends on a later frame, and a long clip streams
 through in chunks carrying one step of state per layer.
 
-Shapes: video (B, 3, T, H, W) in [-1, 1], T = 1 + 4k, H and W multiples of 16;
-latent (B, C, 1 + k, H/16, W/16), normalised per channel with statistics stored in the weights.
+Shapes: video (B, 3, T, H, W) in [-1, 1], T = 1 + 4k, H and W multiples of f = patch * 2^(levels-1)
+(8 for the shipped model); latent (B, C, 1 + k, H/f, W/f), normalised per channel with statistics
+stored in the weights.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from safetensors.torch import load_file, save_file
 
 @dataclass
 class AutoencoderConfig:
-    latent_channels: int = 32
-    widths: tuple[int, ...] = (64, 128, 192)  # features at 1/4, 1/8, 1/16 of the input size
-    blocks_per_level: int = 1
+    latent_channels: int = 16
+    widths: tuple[int, ...] = (48, 96)  # features at 1/4, 1/8, ... of the input size
+    blocks_per_level: int = 2
     temporal_factor: int = 4
     patch: int = 4  # space-to-depth before the first convolution
 
@@ -36,17 +40,47 @@ class AutoencoderConfig:
     def spatial_factor(self) -> int:
         return self.patch * 2 ** (len(self.widths) - 1)
 
+    def check_shortcuts(self):
+        """Each shortcut averages or repeats whole channel groups, so widths must divide evenly;
+        the first width must also split each pixel channel's patch evenly, or colours would mix."""
+        group_channels = 3 * self.temporal_factor * self.patch**2
+        pairs = [(group_channels, self.widths[0]), (self.widths[-1], self.latent_channels)]
+        pairs += [(4 * a, b) for a, b in zip(self.widths, self.widths[1:])]
+        colour_aligned = self.patch**2 % (group_channels // self.widths[0]) == 0 if group_channels % self.widths[0] == 0 else False
+        if not colour_aligned or any(wide % narrow for wide, narrow in pairs):
+            raise ValueError(f"autoencoder widths {self.widths} and {self.latent_channels} latent channels do not divide evenly")
+
+
+def channel_average(x, channels: int):  # (N, C, h, w) -> (N, channels, h, w), C a multiple of channels
+    return x.unflatten(1, (channels, -1)).mean(2)
+
+
+def channel_repeat(x, channels: int):  # (N, C, h, w) -> (N, channels, h, w), channels a multiple of C
+    return x.repeat_interleave(channels // x.shape[1], dim=1)
+
+
+class ChannelNorm(nn.Module):
+    """RMS norm over channels at each position: keeps activations in range without batch statistics."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.float().pow(2).mean(1, keepdim=True) + 1e-6).to(x.dtype) * self.weight
+
 
 class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
+        self.norm = ChannelNorm(channels)
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable without norms
         nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x):  # (N, C, h, w)
-        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+        return x + self.conv2(F.silu(self.conv1(F.silu(self.norm(x)))))
 
 
 class CausalTimeMix(nn.Module):
@@ -91,14 +125,17 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(cfg.widths[-1], cfg.latent_channels, 3, padding=1)
         self.patch = cfg.patch
 
-    def forward(self, groups, state: list):  # groups (B, N, 3*4, H, W) -> (B, N, C, H/16, W/16)
+    def forward(self, groups, state: list):  # groups (B, N, 3*4, H, W) -> (B, N, C, H/f, W/f)
         steps = groups.shape[1]
-        x = self.conv_in(F.pixel_unshuffle(groups.flatten(0, 1), self.patch))
+        patches = F.pixel_unshuffle(groups.flatten(0, 1), self.patch)
+        x = self.conv_in(patches) + channel_average(patches, self.conv_in.out_channels)
         for i, stage in enumerate(self.stages):
             if i > 0:
-                x = self.downs[i - 1](F.pixel_unshuffle(x, 2))
+                folded = F.pixel_unshuffle(x, 2)
+                x = self.downs[i - 1](folded) + channel_average(folded, self.downs[i - 1].out_channels)
             x = stage(x, steps, state, i)
-        return self.conv_out(F.silu(x)).unflatten(0, (-1, steps))
+        latents = self.conv_out(F.silu(x)) + channel_average(x, self.conv_out.out_channels)
+        return latents.unflatten(0, (-1, steps))
 
 
 class Decoder(nn.Module):
@@ -111,19 +148,23 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[-1], 3 * cfg.temporal_factor * cfg.patch**2, 3, padding=1)
         self.patch = cfg.patch
 
-    def forward(self, latents, state: list):  # (B, N, C, h, w) -> groups (B, N, 3*4, 16h, 16w)
+    def forward(self, latents, state: list):  # (B, N, C, h, w) -> groups (B, N, 3*4, f*h, f*w)
         steps = latents.shape[1]
-        x = self.conv_in(latents.flatten(0, 1))
+        z = latents.flatten(0, 1)
+        x = self.conv_in(z) + channel_repeat(z, self.conv_in.out_channels)
         for i, stage in enumerate(self.stages):
             if i > 0:
-                x = F.pixel_shuffle(self.ups[i - 1](F.silu(x)), 2)
+                up = self.ups[i - 1]
+                x = F.pixel_shuffle(up(F.silu(x)) + channel_repeat(x, up.out_channels), 2)
             x = stage(x, steps, state, i)
-        return F.pixel_shuffle(self.conv_out(F.silu(x)), self.patch).unflatten(0, (-1, steps))
+        patches = self.conv_out(F.silu(x)) + channel_repeat(x, self.conv_out.out_channels)
+        return F.pixel_shuffle(patches, self.patch).unflatten(0, (-1, steps))
 
 
 class VideoAutoencoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig = AutoencoderConfig()):
         super().__init__()
+        cfg.check_shortcuts()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
@@ -163,7 +204,7 @@ class VideoAutoencoder(nn.Module):
     # -- encode / decode ------------------------------------------------------------------------
 
     def encode(self, video: torch.Tensor, chunk_steps: int | None = None, normalize: bool = True) -> torch.Tensor:
-        """(B, 3, T, H, W) -> (B, C, 1 + (T-1)/4, H/16, W/16); chunk_steps bounds memory for long clips."""
+        """(B, 3, T, H, W) -> (B, C, 1 + (T-1)/4, H/f, W/f); chunk_steps bounds memory for long clips."""
         self.check_input(*video.shape[2:])
         groups = self._to_groups(video)
         state = [None] * len(self.encoder.stages)
@@ -175,7 +216,7 @@ class VideoAutoencoder(nn.Module):
         return latents
 
     def decode(self, latents: torch.Tensor, chunk_steps: int | None = None, normalized: bool = True) -> torch.Tensor:
-        """(B, C, N, h, w) -> (B, 3, 1 + 4(N-1), 16h, 16w)."""
+        """(B, C, N, h, w) -> (B, 3, 1 + 4(N-1), f*h, f*w)."""
         if normalized:
             latents = latents * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
         latents = latents.permute(0, 2, 1, 3, 4)

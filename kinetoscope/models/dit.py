@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 @dataclass
 class DiTConfig:
-    latent_channels: int = 32
-    patch: tuple[int, int, int] = (1, 1, 1)  # (time, height, width) latent cells per token
+    latent_channels: int = 16
+    patch: tuple[int, int, int] = (1, 2, 2)  # (time, height, width) latent cells per token
     dim: int = 256
     depth: int = 8
     heads: int = 4

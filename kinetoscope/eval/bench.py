@@ -1,0 +1,76 @@
+"""Generation speed: seconds per clip by stage, real-time factor, achieved FLOP/s, peak memory."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Distinct prompts, so every run pays for text encoding (repeats would hit the cache).
+BENCH_PROMPTS = (
+    "a red circle moves to the right on a black background",
+    "two small yellow squares slide up quickly",
+    "a big blue triangle spins while a pink ball bounces, on white",
+    "a green box left of an orange disc; the box grows",
+    "a purple triangle shrinks on a gray background",
+    "a cyan circle bounces while a red square moves left slowly",
+)
+
+
+def matmul_rate(dtype=torch.bfloat16, size: int = 2048, seconds: float = 1.0, device="cpu") -> float:
+    """This machine's dense matmul throughput in FLOP/s, for comparing the denoiser against."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def denoiser_flops(pipe, width: int, height: int, frames: int, guidance: float) -> int:
+    """FLOPs of one guided velocity evaluation (both halves of the batch when guidance is on)."""
+    latent_shape = pipe.autoencoder.latent_shape(frames, height, width)
+    batch = 1 if guidance == 1.0 else 2
+    x = torch.zeros(batch, *latent_shape, device=pipe.device)
+    text, mask = pipe.text_encoder.encode([BENCH_PROMPTS[0]] * batch)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        pipe.transformer(x, torch.full((batch,), 0.5, device=pipe.device), text.to(pipe.device), mask.to(pipe.device))
+    return counter.get_total_flops()
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def benchmark_generation(pipe, width=128, height=128, frames=17, steps=20, guidance=4.0, repeats=5) -> dict:
+    pipe(BENCH_PROMPTS[-1], width=width, height=height, frames=frames, steps=steps, guidance=guidance)  # warm up
+    runs = [
+        pipe(BENCH_PROMPTS[i % len(BENCH_PROMPTS)], width=width, height=height, frames=frames,
+             steps=steps, guidance=guidance, seed=i).timings
+        for i in range(repeats)
+    ]
+    stages = {stage: float(np.median([r[stage] for r in runs])) for stage in runs[0]}
+    total = sum(stages.values())
+    clip_seconds = (frames - 1) / pipe.fps
+    flops = denoiser_flops(pipe, width, height, frames, guidance) * steps
+    peak = matmul_rate(device=pipe.device.type)
+    return {
+        "clip": f"{width}x{height}, {frames} frames ({clip_seconds:g} s at {pipe.fps:g} fps), {steps} steps, guidance {guidance:g}",
+        "stages_s": stages,
+        "total_s": total,
+        "real_time_factor": clip_seconds / total,
+        "denoiser_flops_per_s": flops / stages["denoise"],
+        "bf16_matmul_flops_per_s": peak,
+        "fraction_of_matmul_rate": flops / stages["denoise"] / peak,
+        "peak_memory_mib": peak_memory_mib(pipe.device),
+    }

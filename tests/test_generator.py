@@ -1,0 +1,243 @@
+"""The generator: diffusion transformer, rectified flow, the text-to-video pipeline and its CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kinetoscope.cli import main
+from kinetoscope.data.dataset import DEFAULT_BUCKETS, Bucket, ShapesWorldDataset
+from kinetoscope.diffusion.rectified_flow import FlowSchedule, euler_sample, heun_sample, shift_time
+from kinetoscope.media.video import video_info
+from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
+from kinetoscope.models.dit import MODEL_SIZES, DiffusionTransformer, config_for
+from kinetoscope.models.text_encoder import TextEncoder
+from kinetoscope.pipelines.text_to_video import TextToVideo
+from kinetoscope.training.generator import LatentBatches, diffusion_loss
+
+TINY_AE = AutoencoderConfig(latent_channels=8, widths=(12, 24), blocks_per_level=1)
+
+
+def tiny_transformer(seed=0):
+    torch.manual_seed(seed)
+    model = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=2))
+    for p in model.parameters():  # open the adaLN-Zero gates so outputs depend on every input
+        torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return TextEncoder.load()
+
+
+@pytest.fixture(scope="module")
+def pipe(text_encoder):
+    torch.manual_seed(0)
+    return TextToVideo(tiny_transformer(), VideoAutoencoder(TINY_AE), text_encoder)
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory, pipe):
+    """A complete generator folder (random weights) for exercising loading and the CLI."""
+    root = tmp_path_factory.mktemp("weights")
+    pipe.autoencoder.save_pretrained(root / "autoencoder")
+    pipe.transformer.save_pretrained(root / "generator")
+    (root / "generator" / "pipeline.json").write_text(json.dumps({"autoencoder": "../autoencoder", "fps": 8.0}))
+    return root / "generator"
+
+
+# -- the transformer --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bucket", DEFAULT_BUCKETS, ids=str)
+def test_transformer_keeps_the_latent_shape_for_every_bucket(bucket):
+    model = tiny_transformer()
+    shape = (2, 8, 1 + (bucket.frames - 1) // 4, bucket.height // 8, bucket.width // 8)
+    text, mask = torch.randn(2, 5, 384), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    with torch.no_grad():
+        assert model(torch.randn(shape), torch.rand(2), text, mask).shape == shape
+
+
+def test_padding_tokens_of_the_prompt_are_ignored():
+    model = tiny_transformer()
+    x, t = torch.randn(1, 8, 2, 4, 4), torch.rand(1)
+    text = torch.randn(1, 3, 384)
+    padded = torch.cat([text, torch.randn(1, 2, 384) * 100], 1)
+    with torch.no_grad():
+        a = model(x, t, text, torch.ones(1, 3, dtype=torch.bool))
+        b = model(x, t, padded, torch.tensor([[True] * 3 + [False] * 2]))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_model_sizes_registry():
+    assert {"tiny", "small", "base"} <= set(MODEL_SIZES)
+    with pytest.raises(ValueError, match="unknown model size"):
+        config_for("huge")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_transformer()
+    model.save_pretrained(tmp_path)
+    loaded = DiffusionTransformer.from_pretrained(tmp_path)
+    x, t, text, mask = torch.randn(1, 8, 2, 2, 2), torch.rand(1), torch.randn(1, 4, 384), torch.ones(1, 4, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, text, mask), model(x, t, text, mask))
+
+
+def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(text_encoder):
+    torch.manual_seed(0)
+    model = DiffusionTransformer(config_for("tiny", latent_channels=8))
+    batch = ShapesWorldDataset().make_batch(np.random.default_rng(0), Bucket(32, 32, 5), 8)
+    latents, text, mask = LatentBatches(VideoAutoencoder(TINY_AE), text_encoder, torch.device("cpu"))(batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    schedule = FlowSchedule()
+
+    def loss_at_fixed_noise():
+        per_sample, _ = diffusion_loss(model, latents, text, mask, schedule, 0.1, torch.Generator().manual_seed(1))
+        return per_sample.mean()
+
+    before = loss_at_fixed_noise().item()
+    for _ in range(30):
+        loss = loss_at_fixed_noise()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss_at_fixed_noise().item() < 0.7 * before
+
+
+# -- rectified flow ---------------------------------------------------------------------------------
+
+
+def test_samplers_integrate_a_straight_path_exactly():
+    x0, noise = torch.randn(3, 4), torch.randn(3, 4)
+    times = FlowSchedule().sampling_times(7, tokens=320)
+    for sampler in (euler_sample, heun_sample):
+        torch.testing.assert_close(sampler(lambda x, t: noise - x0, noise, times), x0)
+
+
+def test_shift_grows_with_token_count_and_keeps_the_ends():
+    schedule = FlowSchedule()
+    assert schedule.shift(20) < schedule.shift(80) == 1.0 < schedule.shift(320)
+    assert shift_time(torch.tensor([0.0, 1.0]), 3.0).tolist() == [0.0, 1.0]
+    big = schedule.sample_training_times(4000, 1280, torch.Generator().manual_seed(0))
+    small = schedule.sample_training_times(4000, 80, torch.Generator().manual_seed(0))
+    assert 0 < small.min() and big.max() < 1 and big.mean() > small.mean() + 0.1
+
+
+# -- the pipeline -----------------------------------------------------------------------------------
+
+
+def test_same_seed_same_video_other_seed_other_video(pipe):
+    a = pipe("a red circle moves left", width=32, height=32, frames=5, steps=2, seed=3)
+    b = pipe("a red circle moves left", width=32, height=32, frames=5, steps=2, seed=3)
+    c = pipe("a red circle moves left", width=32, height=32, frames=5, steps=2, seed=4)
+    assert a.frames.shape == (5, 32, 32, 3) and a.frames.dtype == np.uint8
+    assert np.array_equal(a.frames, b.frames) and not np.array_equal(a.frames, c.frames)
+    assert set(a.timings) == {"text", "denoise", "decode"}
+
+
+def count_calls(pipe):
+    calls = []
+    forward = pipe.transformer.forward
+
+    def counting(x, *args):
+        calls.append(x.shape[0])
+        return forward(x, *args)
+
+    pipe.transformer.forward = counting
+    return calls
+
+
+def test_steps_guidance_and_sampler_change_what_they_should(pipe):
+    calls = count_calls(pipe)
+    try:
+        run = lambda **kw: pipe("two small yellow squares slide up", width=32, height=32, frames=1, seed=0, **kw).frames
+        guided = run(steps=3, guidance=4.0)
+        assert calls == [2, 2, 2]  # one batch of conditional + unconditional per step
+        calls.clear()
+        conditional = run(steps=3, guidance=1.0)
+        assert calls == [1, 1, 1]  # guidance 1 is the conditional model alone
+        calls.clear()
+        heun = run(steps=3, guidance=1.0, sampler="heun")
+        assert len(calls) == 5  # two evaluations per step but the last
+        calls.clear()
+        more_steps = run(steps=6, guidance=1.0)
+        assert len(calls) == 6
+        assert not np.array_equal(guided, conditional)
+        assert not np.array_equal(heun, conditional) and not np.array_equal(more_steps, conditional)
+    finally:
+        del pipe.transformer.forward
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(prompt=""), "empty"),
+        (dict(prompt="x" * 1001), "1001 characters"),
+        (dict(width=100), "multiples of 16"),
+        (dict(frames=6), "1 \\+ 4k frames"),
+        (dict(steps=0), "steps"),
+        (dict(sampler="ddim"), "unknown sampler"),
+    ],
+)
+def test_pipeline_refuses_bad_requests(pipe, kwargs, message):
+    request = dict(prompt="a red circle spins", width=32, height=32, frames=1, steps=1) | kwargs
+    with pytest.raises(ValueError, match=message):
+        pipe(**request)
+
+
+def test_pipeline_loads_from_a_folder(weights_dir):
+    loaded = TextToVideo.load(weights_dir)
+    assert loaded.autoencoder.cfg == TINY_AE and loaded.fps == 8.0
+
+
+# -- the CLI ----------------------------------------------------------------------------------------
+
+
+def test_generate_cli_writes_mp4_and_png_of_the_asked_size(weights_dir, tmp_path):
+    video = tmp_path / "clip.mp4"
+    assert main(["generate", "a red circle moves to the right", "-o", str(video), "--size", "48x32",
+                 "--seconds", "1", "--steps", "2", "--weights", str(weights_dir)]) == 0
+    info = video_info(video)
+    assert (info["width"], info["height"], info["frames"], info["codec"]) == (48, 32, 9, "h264")
+    image = tmp_path / "still.png"
+    assert main(["generate", "a blue square", "-o", str(image), "--size", "32x64", "--steps", "2",
+                 "--weights", str(weights_dir)]) == 0
+    info = video_info(image)
+    assert (info["width"], info["height"], info["frames"]) == (32, 64, 1)
+
+
+def test_generate_cli_other_frame_rates_keep_the_duration(weights_dir, tmp_path):
+    video = tmp_path / "clip.mp4"
+    assert main(["generate", "a red circle moves to the right", "-o", str(video), "--size", "32x32",
+                 "--seconds", "2", "--fps", "12", "--steps", "1", "--weights", str(weights_dir)]) == 0
+    info = video_info(video)
+    assert info["frames"] == 25 and info["fps"] == pytest.approx(12)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["", "-o", "x.mp4"],
+        ["x" * 1001, "-o", "x.mp4"],
+        ["a red circle", "-o", "x.mp4", "--size", "100x100"],
+        ["a red circle", "-o", "x.mp4", "--size", "0x5"],
+        ["a red circle", "-o", "x.mp4", "--seconds", "0"],
+        ["a red circle", "-o", "x.mp4", "--seconds", "-2"],
+        ["a red circle", "-o", "x.mp4", "--seconds", "60"],
+        ["a red circle", "-o", "x.txt"],
+    ],
+)
+def test_generate_cli_bad_inputs_exit_2_with_one_line(weights_dir, tmp_path, capsys, args):
+    args = [a.replace("x.", str(tmp_path / "x.")) for a in args]
+    assert main(["generate", *args, "--weights", str(weights_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_generate_cli_missing_checkpoint(tmp_path, capsys):
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.mp4"), "--weights", str(tmp_path / "none")]) == 2
+    assert "no generator checkpoint" in capsys.readouterr().err
