@@ -177,3 +177,35 @@ def test_dataloader_workers_draw_different_streams():
 def test_default_buckets_cover_images_and_aspect_ratios():
     assert {b.frames for b in DEFAULT_BUCKETS} == {1, 5, 9, 17}
     assert {(b.width, b.height) for b in DEFAULT_BUCKETS} >= {(64, 64), (96, 64), (64, 96), (128, 128)}
+
+
+def test_world_sample_cli_writes_clips_metadata_and_contact_sheet(tmp_path):
+    import json
+
+    from kinetoscope.cli import main
+    from kinetoscope.data.captions import parse_prompt
+    from kinetoscope.media.video import video_info
+
+    assert main(["world", "sample", "--count", "3", "--out", str(tmp_path), "--size", "96x64", "--seconds", "1", "--seed", "5"]) == 0
+    for index in range(3):
+        info = video_info(tmp_path / f"clip_{index:04d}.mp4")
+        assert (info["width"], info["height"], info["frames"], info["codec"]) == (96, 64, 9, "h264")
+        meta = json.loads((tmp_path / f"clip_{index:04d}.json").read_text())
+        assert meta["size"] == [96, 64] and meta["frames"] == 9 and meta["fps"] == 8.0
+        assert meta["background"] in world.BACKGROUNDS and len(meta["captions"]) >= 2
+        assert meta["relation"] is None or meta["relation"][1] in world.RELATIONS
+        for obj in meta["objects"]:
+            assert set(obj) == {"color", "shape", "size", "motion", "speed", "start"}
+        for caption in meta["captions"]:
+            parsed = parse_prompt(caption)
+            assert sorted(o.color for o in parsed.objects) == sorted(o["color"] for o in meta["objects"])
+    assert (tmp_path / "contact_sheet.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args", [["--size", "0x5"], ["--count", "0"], ["--fps", "-1"], ["--size", "big"]])
+def test_world_sample_cli_bad_inputs(tmp_path, capsys, args):
+    from kinetoscope.cli import main
+
+    assert main(["world", "sample", "--out", str(tmp_path / "out"), *args]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,12 @@ def register(subparsers):
                         help="held-out scenes and phrasings are the ones training never sees")
     sample.set_defaults(handler=run_sample)
 
+    bench = commands.add_parser("bench", help="clips per second the renderer makes on one core")
+    bench.add_argument("--size", type=common.parse_size, action="append", help="WxH, repeatable (default 64x64 and 128x128)")
+    bench.add_argument("--frames", type=common.positive_int, default=17)
+    bench.add_argument("--seconds", type=common.positive_float, default=3.0, help="time per size")
+    bench.set_defaults(handler=run_bench)
+
 
 def run_sample(args) -> int:
     import numpy as np
@@ -54,4 +60,26 @@ def run_sample(args) -> int:
         labels.append(f"{name}: {texts[0]}")
     save_contact_sheet(out / "contact_sheet.png", clips, labels)
     print(f"wrote {args.count} clips to {out} (contact sheet: {out / 'contact_sheet.png'})")
+    return 0
+
+
+def run_bench(args) -> int:
+    import time
+
+    import numpy as np
+    import torch
+
+    from kinetoscope.data import captions, world
+
+    torch.set_num_threads(1)  # the renderer is NumPy, single-threaded; say so by measuring one core
+    rng = np.random.default_rng(0)
+    for width, height in args.size or [(64, 64), (128, 128)]:
+        clips, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.seconds:
+            scene = world.sample_scene(rng, width / height, (args.frames - 1) / 8.0, captions.TRAIN_SCENES)
+            world.render(scene, width, height, args.frames, 8.0)
+            captions.caption_variants(scene, rng, count=1)
+            clips += 1
+        rate = clips / (time.perf_counter() - start)
+        print(f"{width}x{height}x{args.frames}: {rate:.0f} clips/s on one core (sample + render + caption)")
     return 0

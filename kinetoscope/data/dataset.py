@@ -61,8 +61,8 @@ def stream_seed(seed: int) -> list[int]:
 class ShapesWorldDataset(IterableDataset):
     """Yields batches: {"video": (B, 3, T, H, W) in [-1, 1], "caption": [str], "scene": [dict], "bucket": Bucket}.
 
-    pixels_per_batch sets the batch size per bucket (at least 1 clip) so that every step costs
-    about the same; bucket_weights (default: uniform) sets how often each bucket is drawn.
+    pixels_per_batch sets the batch size per bucket (at least 1 clip, at most max_batch_size) so
+    that every step costs about the same; bucket_weights (default: uniform) sets how often each bucket is drawn.
     split is "train" (held-out combinations and phrasings never appear) or "heldout".
     """
 
@@ -70,6 +70,7 @@ class ShapesWorldDataset(IterableDataset):
         self,
         buckets=DEFAULT_BUCKETS,
         pixels_per_batch: int = 8 * 64 * 64 * 17,
+        max_batch_size: int = 64,
         fps: float = 8.0,
         seed: int = 0,
         split: str = "train",
@@ -82,13 +83,27 @@ class ShapesWorldDataset(IterableDataset):
         weights = np.ones(len(self.buckets)) if bucket_weights is None else np.asarray(bucket_weights, float)
         self.bucket_probs = weights / weights.sum()
         self.pixels_per_batch = pixels_per_batch
+        self.max_batch_size = max_batch_size
         self.fps = fps
         self.seed = seed
         self.split = split
         self.with_captions = with_captions
 
+    @classmethod
+    def from_recipe(cls, data: dict, step: int = 0, with_captions: bool = True) -> "ShapesWorldDataset":
+        """The training stream of a recipe's [data] table, resumed at `step` on fresh, reproducible data."""
+        return cls(
+            buckets=[Bucket.parse(b) for b in data["buckets"]],
+            bucket_weights=data.get("bucket_weights"),
+            pixels_per_batch=data["pixels_per_batch"],
+            max_batch_size=data.get("max_batch_size", 64),
+            fps=data["fps"],
+            seed=data["seed"] * 1_000_003 + step,
+            with_captions=with_captions,
+        )
+
     def batch_size(self, bucket: Bucket) -> int:
-        return max(1, self.pixels_per_batch // bucket.pixels)
+        return max(1, min(self.max_batch_size, self.pixels_per_batch // bucket.pixels))
 
     def __iter__(self):
         rng = np.random.default_rng(stream_seed(self.seed))

@@ -26,19 +26,20 @@ from safetensors.torch import load_file, save_file
 class DiTConfig:
     latent_channels: int = 16
     patch: tuple[int, int, int] = (1, 2, 2)  # (time, height, width) latent cells per token
-    dim: int = 256
-    depth: int = 8
-    heads: int = 4
+    dim: int = 192
+    depth: int = 6
+    heads: int = 3
     mlp_ratio: float = 4.0
     text_dim: int = 384
     rope_theta: float = 100.0
 
 
-MODEL_SIZES = {
+MODEL_SIZES = {  # the shipped default is "small": what a 2-core CPU can train in an hour and run in real time
     "tiny": dict(dim=128, depth=4, heads=2),
-    "small": dict(dim=256, depth=8, heads=4),
+    "small": dict(dim=192, depth=6, heads=3),
     "base": dict(dim=384, depth=12, heads=6),
     "large": dict(dim=768, depth=24, heads=12),
+    "xl": dict(dim=1152, depth=28, heads=16),
 }
 
 
@@ -72,9 +73,9 @@ def rope_frequencies(head_dim: int, grid: tuple[int, int, int], theta: float, de
     return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:  # x (B, heads, N, head_dim)
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:  # x float32 (B, heads, N, head_dim)
+    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotations).flatten(-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +105,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rotations):  # (B, N, D)
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
-        q, k = apply_rope(self.q_norm(q), rotations), apply_rope(self.k_norm(k), rotations)
+        # Norms and rotations in float32 (fused there under autocast); attention in the compute dtype.
+        q = apply_rope(self.q_norm(q.float()), rotations).type_as(v)
+        k = apply_rope(self.k_norm(k.float()), rotations).type_as(v)
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
@@ -119,9 +122,10 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, text, text_mask):  # x (B, N, D), text (B, L, D), text_mask (B, L) bool
-        q = self.q_norm(self.q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2))
+        q = self.q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
         k, v = self.kv(text).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=text_mask[:, None, None, :])
+        q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask[:, None, None, :])
         return self.proj(out.transpose(1, 2).flatten(2))
 
 

@@ -34,23 +34,11 @@ def model_config(recipe: dict) -> AutoencoderConfig:
     return AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe["model"].items()})
 
 
-def training_stream(recipe: dict, step: int) -> ShapesWorldDataset:
-    data = recipe["data"]
-    return ShapesWorldDataset(
-        buckets=[Bucket.parse(b) for b in data["buckets"]],
-        bucket_weights=data.get("bucket_weights"),
-        pixels_per_batch=data["pixels_per_batch"],
-        fps=data["fps"],
-        seed=data["seed"] * 1_000_003 + step,  # a resumed run continues on fresh, reproducible data
-        with_captions=False,
-    )
-
-
 @torch.no_grad()
 def latent_statistics(model: VideoAutoencoder, recipe: dict, batches: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of raw latents over training buckets."""
     device = next(model.parameters()).device
-    stream = iter(training_stream(recipe, step=0))
+    stream = iter(ShapesWorldDataset.from_recipe(recipe["data"], with_captions=False))
     latents = []
     for _ in range(batches):
         with autocast_for(device):
@@ -91,7 +79,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 
     last_checkpoint = time.monotonic()
     bar = tqdm(total=total_steps, initial=step, desc="autoencoder", dynamic_ncols=True)
-    stream = iter(torch.utils.data.DataLoader(training_stream(recipe, step), batch_size=None, num_workers=settings["workers"]))
+    stream = iter(torch.utils.data.DataLoader(ShapesWorldDataset.from_recipe(recipe["data"], step, with_captions=False), batch_size=None, num_workers=settings["workers"]))
     model.train()
     while (fraction := run_progress(step, total_steps, clock.elapsed, minutes)) < 1.0:
         batch = next(stream)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from kinetoscope.data.dataset import Bucket, ShapesWorldDataset
+from kinetoscope.data.dataset import ShapesWorldDataset
 from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, velocity_target
 from kinetoscope.eval.reconstruction import autocast_for
 from kinetoscope.models.autoencoder import VideoAutoencoder
@@ -88,18 +88,6 @@ def model_config(model):
     return unwrap(model).cfg
 
 
-def training_stream(recipe: dict, step: int) -> ShapesWorldDataset:
-    data = recipe["data"]
-    return ShapesWorldDataset(
-        buckets=[Bucket.parse(b) for b in data["buckets"]],
-        bucket_weights=data.get("bucket_weights"),
-        pixels_per_batch=data["pixels_per_batch"],
-        fps=data["fps"],
-        seed=data["seed"] * 1_000_003 + step,
-        split="train",
-    )
-
-
 def save_checkpoint_model(pair, directory: Path):
     model, ema = pair
     unwrap(model).save_pretrained(directory)
@@ -117,7 +105,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     run = RunDirectory(output or settings["output"])
     main_process = rank == 0
 
-    model = DiffusionTransformer(config_for(recipe["model"]["size"], **recipe["model"].get("overrides", {}))).to(device)
+    autoencoder = VideoAutoencoder.from_pretrained(recipe["data"].get("autoencoder"))
+    overrides = {"latent_channels": autoencoder.cfg.latent_channels, **recipe["model"].get("overrides", {})}
+    model = DiffusionTransformer(config_for(recipe["model"]["size"], **overrides)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
     step, carried = 0, 0.0
@@ -132,9 +122,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         model = torch.nn.parallel.DistributedDataParallel(model)
     clock = Stopwatch(carried)
     schedule = FlowSchedule(**recipe.get("schedule", {}))
-    autoencoder = VideoAutoencoder.from_pretrained(recipe["data"].get("autoencoder"))
     to_latents = LatentBatches(autoencoder, TextEncoder.load(device), device)
-    stream = iter(torch.utils.data.DataLoader(training_stream(recipe, step), batch_size=None, num_workers=settings["workers"]))
+    stream = iter(torch.utils.data.DataLoader(ShapesWorldDataset.from_recipe(recipe["data"], step), batch_size=None, num_workers=settings["workers"]))
     band_losses = {i: [] for i in range(len(TIME_BUCKETS) - 1)}
 
     def checkpoint():
@@ -179,6 +168,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
             last_checkpoint = time.monotonic()
     bar.close()
     checkpoint()
+    if world_size > 1:
+        dist.destroy_process_group()
     if not main_process:
         return None
     evaluate(ema, autoencoder, to_latents.text_encoder, schedule, recipe, run, step, device)
