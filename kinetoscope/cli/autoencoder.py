@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from kinetoscope.cli import common
 
 
@@ -12,10 +10,7 @@ def register(subparsers):
     ae_commands = ae.add_subparsers(dest="ae_command", required=True, parser_class=common.ErrorExitParser)
 
     train = ae_commands.add_parser("train", help="train from a recipe (resumes from OUTPUT/checkpoint)")
-    train.add_argument("--recipe", default="configs/autoencoder.toml")
-    train.add_argument("--output", help="run directory (default: the recipe's)")
-    train.add_argument("--minutes", type=common.positive_float, help="wall-time budget (default: the recipe's)")
-    train.add_argument("--steps", type=common.positive_int, help="step budget (default: the recipe's)")
+    common.add_training_arguments(train, "configs/autoencoder.toml")
     train.set_defaults(handler=run_train)
 
     evaluate = ae_commands.add_parser("eval", help="PSNR/SSIM on held-out clips and encode/decode speed")
@@ -30,22 +25,10 @@ def register(subparsers):
     reconstruct.set_defaults(handler=run_reconstruct)
 
 
-def load_autoencoder(weights: str | None):
-    from kinetoscope.models.autoencoder import VideoAutoencoder
-
-    try:
-        return VideoAutoencoder.from_pretrained(weights)
-    except FileNotFoundError as error:
-        raise common.UsageError(str(error)) from None
-
-
 def run_train(args) -> int:
     from kinetoscope.training.autoencoder import train
 
-    if not Path(args.recipe).is_file():
-        raise common.UsageError(f"no recipe at {args.recipe}")
-    train(args.recipe, output=args.output, minutes=args.minutes, steps=args.steps)
-    return 0
+    return common.run_training(train, args)
 
 
 def run_eval(args) -> int:
@@ -53,7 +36,9 @@ def run_eval(args) -> int:
 
     from kinetoscope.eval.reconstruction import evaluate_autoencoder, time_round_trip
 
-    model = load_autoencoder(args.weights).to("cuda" if torch.cuda.is_available() else "cpu")
+    from kinetoscope.models.autoencoder import VideoAutoencoder
+
+    model = common.load_weights(VideoAutoencoder.from_pretrained, args.weights).to("cuda" if torch.cuda.is_available() else "cpu")
     cfg = model.cfg
     print(f"autoencoder: {cfg.spatial_factor}x spatial, {cfg.temporal_factor}x temporal, {cfg.latent_channels} latent channels")
     print(f"{'held-out clips':<16}{'PSNR dB':>9}{'SSIM':>8}{'palette':>9}")
@@ -82,10 +67,7 @@ def run_reconstruct(args) -> int:
         frames, fps = read_video(args.input)
     except VideoError as error:
         raise common.UsageError(str(error)) from None
-    try:
-        pipeline = VideoReconstruction.load(args.weights)
-    except FileNotFoundError as error:
-        raise common.UsageError(str(error)) from None
+    pipeline = common.load_weights(VideoReconstruction.load, args.weights)
     try:
         restored = pipeline(frames)
         write_video(args.output, restored, fps)

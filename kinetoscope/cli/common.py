@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 
 class UsageError(Exception):
@@ -46,3 +47,26 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return value
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, default_recipe: str):
+    parser.add_argument("--recipe", default=default_recipe)
+    parser.add_argument("--output", help="run directory (default: the recipe's)")
+    parser.add_argument("--minutes", type=positive_float, help="wall-time budget (default: the recipe's)")
+    parser.add_argument("--steps", type=positive_int, help="step budget (default: the recipe's)")
+
+
+def run_training(train, args) -> int:
+    """Call a trainer with the arguments add_training_arguments declared."""
+    if not Path(args.recipe).is_file():
+        raise UsageError(f"no recipe at {args.recipe}")
+    train(args.recipe, output=args.output, minutes=args.minutes, steps=args.steps)
+    return 0
+
+
+def load_weights(loader, weights: str | None):
+    """Load a model or pipeline; a missing checkpoint is the user's to fix, not a traceback."""
+    try:
+        return loader(weights)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise UsageError(str(error)) from None

@@ -24,10 +24,7 @@ def register(subparsers):
     generate.set_defaults(handler=run_generate)
 
     train = subparsers.add_parser("train", help="train the generator from a recipe (resumes; works under torchrun)")
-    train.add_argument("--recipe", default="configs/generator.toml")
-    train.add_argument("--output", help="run directory (default: the recipe's)")
-    train.add_argument("--minutes", type=common.positive_float, help="wall-time budget (default: the recipe's)")
-    train.add_argument("--steps", type=common.positive_int, help="step budget (default: the recipe's)")
+    common.add_training_arguments(train, "configs/generator.toml")
     train.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser("eval", help="generate held-out prompts and score them with the judge")
@@ -51,10 +48,7 @@ def register(subparsers):
 def load_pipeline(weights: str | None):
     from kinetoscope.pipelines.text_to_video import TextToVideo
 
-    try:
-        return TextToVideo.load(weights)
-    except FileNotFoundError as error:
-        raise common.UsageError(str(error)) from None
+    return common.load_weights(TextToVideo.load, weights)
 
 
 def retime(frames, source_fps: float, target_fps: float, seconds: float):
@@ -101,10 +95,7 @@ def run_generate(args) -> int:
 def run_train(args) -> int:
     from kinetoscope.training.generator import train
 
-    if not Path(args.recipe).is_file():
-        raise common.UsageError(f"no recipe at {args.recipe}")
-    train(args.recipe, output=args.output, minutes=args.minutes, steps=args.steps)
-    return 0
+    return common.run_training(train, args)
 
 
 def run_eval(args) -> int:
