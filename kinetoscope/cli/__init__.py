@@ -7,7 +7,7 @@ import sys
 
 from kinetoscope.cli import common
 
-COMMAND_MODULES = ("world", "judge", "autoencoder", "generate")
+COMMAND_MODULES = ("world", "judge", "autoencoder", "generate", "server")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,48 @@
+"""A finished video's files: the MP4, a WebP thumbnail and a JPEG spritesheet, as OpenAI serves them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kinetoscope.media.video import write_video
+
+VARIANTS = {  # variant -> (file name, media type)
+    "video": ("video.mp4", "video/mp4"),
+    "thumbnail": ("thumbnail.webp", "image/webp"),
+    "spritesheet": ("spritesheet.jpg", "image/jpeg"),
+}
+SPRITESHEET_COLUMNS = 4
+SPRITESHEET_MAX_FRAMES = 16
+
+
+class VideoStorage:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, video_id: str, variant: str) -> Path:
+        return self.root / video_id / VARIANTS[variant][0]
+
+    def save(self, video_id: str, frames: np.ndarray, fps: float) -> None:
+        folder = self.root / video_id
+        folder.mkdir(parents=True, exist_ok=True)
+        write_video(folder / VARIANTS["video"][0], frames, fps)
+        Image.fromarray(frames[len(frames) // 2]).save(folder / VARIANTS["thumbnail"][0], quality=90)
+        Image.fromarray(spritesheet(frames)).save(folder / VARIANTS["spritesheet"][0], quality=90)
+
+    def remove(self, video_id: str) -> None:
+        shutil.rmtree(self.root / video_id, ignore_errors=True)
+
+
+def spritesheet(frames: np.ndarray) -> np.ndarray:
+    """Up to 16 evenly spaced frames in a grid, row by row; unused cells stay black."""
+    picks = frames[np.unique(np.linspace(0, len(frames) - 1, min(len(frames), SPRITESHEET_MAX_FRAMES)).round().astype(int))]
+    columns = min(SPRITESHEET_COLUMNS, len(picks))
+    rows = -(-len(picks) // columns)
+    _, height, width, channels = picks.shape
+    grid = np.zeros((rows * columns, height, width, channels), np.uint8)
+    grid[:len(picks)] = picks
+    return grid.reshape(rows, columns, height, width, channels).transpose(0, 2, 1, 3, 4).reshape(rows * height, columns * width, channels)
