@@ -105,9 +105,10 @@ def shipped():
 
 
 def test_shipped_weights_reconstruct_held_out_clips(shipped):
-    results = evaluate_autoencoder(shipped, clips_per_bucket=2, buckets=(Bucket(128, 128, 17),))
-    assert results["128x128x17"]["psnr"] > 28  # the README reports the full evaluation
-    assert results["128x128x17"]["palette_colours_kept"] == 1.0
+    # A guard against regressions of the shipped weights; the full evaluation is in their README.
+    results = evaluate_autoencoder(shipped, clips_per_bucket=8, buckets=(Bucket(128, 128, 17),))
+    assert results["128x128x17"]["psnr"] > 27
+    assert results["128x128x17"]["palette_colours_kept"] >= 0.9
 
 
 def test_shipped_latents_are_normalised(shipped):
