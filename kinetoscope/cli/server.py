@@ -29,7 +29,7 @@ def register(subparsers):
     serve.add_argument("--guidance", type=float, default=4.0)
     serve.add_argument("--default-size", type=common.parse_size, default=(128, 128), help="size when a request names none")
     serve.add_argument("--workers", type=common.positive_int, default=1, help="videos generated at once")
-    serve.add_argument("--quota", type=int, default=200, help="videos per day per key, unless the key has its own")
+    serve.add_argument("--quota", type=common.positive_int, default=200, help="videos per day per key, unless the key has its own")
     serve.add_argument("--rate-limit", type=common.positive_int, default=600, help="requests per minute per key")
     serve.add_argument("--max-concurrent", type=common.positive_int, default=4, help="unfinished videos per key")
     serve.add_argument("--lease-seconds", type=common.positive_float, default=60.0,
@@ -91,13 +91,13 @@ def run_serve(args) -> int:
     from kinetoscope.server.settings import ServerSettings
 
     settings = ServerSettings(
-        data_dir=args.data, database_url=args.database, weights=args.weights, device=args.device, steps=args.steps,
-        guidance=args.guidance, default_size=args.default_size, workers=args.workers, videos_per_day=args.quota,
+        data_dir=args.data, database_url=args.database, steps=args.steps,
+        guidance=args.guidance, default_size=args.default_size, videos_per_day=args.quota,
         requests_per_minute=args.rate_limit, concurrent_jobs_per_key=args.max_concurrent, lease_seconds=args.lease_seconds,
         webhook_retry_seconds=args.webhook_retry_seconds,
     )
-    # Workers share the cores; the event loop only needs a sliver of one.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
+    # Workers share all cores but one, which keeps the API answering while the rest generate.
+    torch.set_num_threads(max(1, ((os.cpu_count() or 1) - 1) // args.workers))
     pipelines = [common.load_weights(lambda weights: TextToVideo.load(weights, args.device), args.weights)
                  for _ in range(args.workers)]
     open_sessions(args)  # a bad database is one line here, not a traceback from inside uvicorn

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy import delete, select
 from starlette.datastructures import UploadFile
 
+from kinetoscope.pipelines.text_to_video import MAX_FRAMES, MAX_SIDE
 from kinetoscope.server import access, db
 from kinetoscope.server.errors import ApiError, bad_request, describe_validation_error, install_error_handlers, not_found
 from kinetoscope.server.jobs import JobRunner
@@ -43,6 +44,7 @@ class Server:
         self.storage = VideoStorage(settings.videos_dir)
         self.limiter = access.RateLimiter(settings.requests_per_minute)
         self.model = pipelines[0]  # what the model can make; every worker's pipeline is the same model
+        self.max_seconds = int((MAX_FRAMES - 1) / self.model.fps)
         self.runner = JobRunner(self.sessions, settings, pipelines, self.storage)
         self.webhooks = WebhookSender(self.sessions, settings)
         self.created = int(db.now())
@@ -71,9 +73,9 @@ class Server:
         if seconds is None:
             return self.settings.default_seconds
         text = str(seconds).strip()
-        if not text.isdigit() or not 1 <= int(text) <= self.settings.max_seconds:
+        if not text.isdigit() or not 1 <= int(text) <= self.max_seconds:
             raise bad_request(f"Invalid 'seconds': {seconds!r}. This model makes whole seconds from 1 to "
-                              f"{self.settings.max_seconds}, as a string or an integer (e.g. '4', '8', '12').", "seconds")
+                              f"{self.max_seconds}, as a string or an integer (e.g. '4', '8', '12').", "seconds")
         return int(text)
 
     def parse_size(self, size: str | None) -> tuple[int, int]:
@@ -83,7 +85,7 @@ class Server:
         if not match:
             multiple = self.model.size_multiple
             raise bad_request(f"Invalid 'size': {size!r}. Send WIDTHxHEIGHT, each a multiple of {multiple} from "
-                              f"{multiple} to 512 (e.g. {SIZE_EXAMPLES}).", "size")
+                              f"{multiple} to {MAX_SIDE} (e.g. {SIZE_EXAMPLES}).", "size")
         return int(match.group(1)), int(match.group(2))
 
     # -- videos -----------------------------------------------------------------------------------

@@ -18,14 +18,10 @@ OPENAI_MODEL_ALIASES = ("sora-2", "sora-2-pro", "sora-2-2025-10-06", "sora-2-pro
 class ServerSettings:
     data_dir: Path = DEFAULT_DATA_DIR
     database_url: str | None = None  # default: SQLite in data_dir
-    weights: str | None = None  # generator folder; default: the shipped model
-    device: str | None = None
     steps: int = 20
     guidance: float = 4.0
     default_size: tuple[int, int] = (128, 128)
     default_seconds: int = 4  # OpenAI's default
-    max_seconds: int = 16
-    workers: int = 1
     videos_per_day: int = 200  # per key, unless the key has its own quota
     requests_per_minute: int = 600  # per key
     concurrent_jobs_per_key: int = 4  # queued plus in progress
