@@ -48,10 +48,24 @@ class RunDirectory:
         (self.root / "samples").mkdir(parents=True, exist_ok=True)
 
     def has_checkpoint(self) -> bool:
+        self._recover_interrupted_save()
         return (self.checkpoint / "state.json").is_file()
+
+    def _recover_interrupted_save(self):
+        """A crash between save()'s two renames leaves the last good checkpoint as checkpoint.old."""
+        previous = self.root / "checkpoint.old"
+        if not previous.exists():
+            return
+        if (self.checkpoint / "state.json").is_file():
+            shutil.rmtree(previous)
+            return
+        if self.checkpoint.exists():
+            shutil.rmtree(self.checkpoint)
+        previous.rename(self.checkpoint)
 
     def save(self, model, optimizer, state: dict, save_model):
         """Write to a temporary folder, then swap it in, so a crash never leaves half a checkpoint."""
+        self._recover_interrupted_save()
         staging = self.root / "checkpoint.tmp"
         if staging.exists():
             shutil.rmtree(staging)

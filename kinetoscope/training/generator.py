@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -80,6 +81,15 @@ def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_d
     return per_sample, t
 
 
+def agreed(fraction: float, world_size: int, device: torch.device) -> float:
+    """The furthest any rank is through the budget, so all ranks stop (and anneal) together."""
+    if world_size == 1:
+        return fraction
+    value = torch.tensor([fraction], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
+
+
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
@@ -101,7 +111,6 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     minutes = minutes if minutes is not None else settings.get("minutes")
     rank, world_size = start_distributed()
     device = device_for(rank)
-    torch.manual_seed(settings["seed"] + rank)
     run = RunDirectory(output or settings["output"])
     main_process = rank == 0
 
@@ -118,6 +127,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         step, carried = state["step"], state["elapsed_s"]
         if main_process:
             print(f"resuming from step {step} ({carried / 60:.1f} min so far)")
+    torch.manual_seed(settings["seed"] * 1_000_003 + step * 64 + rank)  # a resumed run draws fresh noise
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     clock = Stopwatch(carried)
@@ -133,7 +143,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     last_checkpoint = time.monotonic()
     bar = tqdm(total=total_steps, initial=step, desc="generator", dynamic_ncols=True, disable=not main_process)
     model.train()
-    while (fraction := run_progress(step, total_steps, clock.elapsed, minutes)) < 1.0:
+    while (fraction := agreed(run_progress(step, total_steps, clock.elapsed, minutes), world_size, device)) < 1.0:
         batch = next(stream)
         latents, text, mask = to_latents(batch)
         lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
@@ -206,7 +216,10 @@ def export(ema, recipe: dict, run: RunDirectory, step: int, elapsed: float, devi
     copy.deepcopy(ema).to(torch.bfloat16).save_pretrained(
         final, {"trained_steps": step, "wall_time_s": round(elapsed), "hardware": hardware}
     )
-    settings = {"autoencoder": "../autoencoder", "fps": recipe["data"]["fps"], "schedule": recipe.get("schedule", {})}
+    settings = {"fps": recipe["data"]["fps"], "schedule": recipe.get("schedule", {})}
+    if recipe["data"].get("autoencoder"):  # a non-default autoencoder travels with the generator
+        shutil.copytree(recipe["data"]["autoencoder"], final / "autoencoder", dirs_exist_ok=True)
+        settings["autoencoder"] = "autoencoder"
     (final / "pipeline.json").write_text(json.dumps(settings, indent=2) + "\n")
     print(f"exported weights to {final} after {step} steps, {elapsed / 60:.1f} min")
     return final
