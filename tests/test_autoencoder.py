@@ -141,8 +141,10 @@ def test_reconstruct_cli_bad_inputs(tmp_path, capsys):
     source = tmp_path / "in.mp4"
     write_video(source, np.zeros((5, 32, 32, 3), np.uint8), 8)
     assert main(["reconstruct", str(source), "--output", str(tmp_path / "o.mp4"), "--weights", str(tmp_path)]) == 2
+    assert main(["reconstruct", str(source), "--output", str(tmp_path / "o.txt")]) == 2
+    assert main(["reconstruct", str(source), "--output", str(text / "under_a_file.mp4")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and all(line.startswith("kinetoscope reconstruct: error:") for line in errors)
+    assert len(errors) == 5 and all(line.startswith("kinetoscope reconstruct: error:") for line in errors)
     assert not (tmp_path / "o.mp4").exists()
 
 

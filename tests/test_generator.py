@@ -228,6 +228,9 @@ def test_generate_cli_other_frame_rates_keep_the_duration(weights_dir, tmp_path)
         ["a red circle", "-o", "x.mp4", "--seconds", "-2"],
         ["a red circle", "-o", "x.mp4", "--seconds", "60"],
         ["a red circle", "-o", "x.txt"],
+        ["a red circle", "-o", "x.mp4", "--seed", str(2**64)],
+        ["a red circle", "-o", "x.mp4", "--guidance", "nan"],
+        ["a red circle", "-o", "x.mp4", "--fps", "0.000001"],
     ],
 )
 def test_generate_cli_bad_inputs_exit_2_with_one_line(weights_dir, tmp_path, capsys, args):
@@ -241,3 +244,22 @@ def test_generate_cli_bad_inputs_exit_2_with_one_line(weights_dir, tmp_path, cap
 def test_generate_cli_missing_checkpoint(tmp_path, capsys):
     assert main(["generate", "a red circle", "-o", str(tmp_path / "x.mp4"), "--weights", str(tmp_path / "none")]) == 2
     assert "no generator checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["garbage weights", "foreign weights", "broken config"])
+def test_generate_cli_corrupt_checkpoint_is_one_line(weights_dir, tmp_path, capsys, damage):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "model.safetensors", "pipeline.json"):
+        (broken / name).write_bytes((weights_dir / name).read_bytes())
+    (broken / "pipeline.json").write_text(json.dumps({"autoencoder": str(weights_dir.parent / "autoencoder")}))
+    if damage == "garbage weights":
+        (broken / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    elif damage == "foreign weights":
+        (broken / "config.json").write_text(json.dumps({"dim": 64, "depth": 1, "heads": 2, "latent_channels": 8}))
+    else:
+        (broken / "config.json").write_text("{ not json")
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.mp4"), "--weights", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot load" in err
+    assert not (tmp_path / "x.mp4").exists()

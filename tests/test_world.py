@@ -202,7 +202,11 @@ def test_world_sample_cli_writes_clips_metadata_and_contact_sheet(tmp_path):
     assert (tmp_path / "contact_sheet.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("args", [["--size", "0x5"], ["--count", "0"], ["--fps", "-1"], ["--size", "big"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--size", "0x5"], ["--count", "0"], ["--fps", "-1"], ["--fps", "1e-9"], ["--size", "big"], ["--seed", "-1"],
+     ["--size", "4096x4096", "--seconds", "10"]],
+)
 def test_world_sample_cli_bad_inputs(tmp_path, capsys, args):
     from kinetoscope.cli import main
 

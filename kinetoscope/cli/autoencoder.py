@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kinetoscope.cli import common
 
 
@@ -60,9 +62,12 @@ def run_eval(args) -> int:
 
 
 def run_reconstruct(args) -> int:
-    from kinetoscope.media.video import VideoError, read_video, write_video
+    from kinetoscope.media.video import VIDEO_SUFFIXES, VideoError, read_video, write_video
     from kinetoscope.pipelines.reconstruction import VideoReconstruction
 
+    output = Path(args.output)
+    if output.suffix.lower() not in VIDEO_SUFFIXES:
+        raise common.UsageError(f"output must end in {', '.join(VIDEO_SUFFIXES)}; got {output.name!r}")
     try:
         frames, fps = read_video(args.input)
     except VideoError as error:
@@ -70,8 +75,11 @@ def run_reconstruct(args) -> int:
     pipeline = common.load_weights(VideoReconstruction.load, args.weights)
     try:
         restored = pipeline(frames)
-        write_video(args.output, restored, fps)
-    except (ValueError, VideoError) as error:
+    except ValueError as error:
         raise common.UsageError(str(error)) from None
+    try:
+        write_video(output, restored, fps)
+    except (ValueError, VideoError, OSError) as error:
+        raise common.UsageError(f"cannot write {output}: {error}") from None
     print(f"wrote {args.output}: {restored.shape[0]} frames of {restored.shape[2]}x{restored.shape[1]} at {fps:g} fps")
     return 0

@@ -18,6 +18,9 @@ class ErrorExitParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+MIN_FPS, MAX_FPS = 1.0, 120.0
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'WxH' -> (W, H), both positive."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
@@ -39,6 +42,41 @@ def positive_float(text: str) -> float:
     return value
 
 
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def frame_rate(text: str) -> float:
+    value = positive_float(text)
+    if not MIN_FPS <= value <= MAX_FPS:
+        raise argparse.ArgumentTypeError(f"frame rate must be between {MIN_FPS:g} and {MAX_FPS:g} fps, got {text!r}")
+    return value
+
+
+def whole_number_in(low: int, high: int):
+    """An argparse type for a whole number in low..high."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
+        return value
+
+    return parse
+
+
+seed = whole_number_in(0, 2**63 - 1)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -58,9 +96,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_recipe: str)
 
 def run_training(train, args) -> int:
     """Call a trainer with the arguments add_training_arguments declared."""
-    if not Path(args.recipe).is_file():
-        raise UsageError(f"no recipe at {args.recipe}")
-    train(args.recipe, output=args.output, minutes=args.minutes, steps=args.steps)
+    from kinetoscope.training.common import RecipeError
+
+    try:
+        train(args.recipe, output=args.output, minutes=args.minutes, steps=args.steps)
+    except RecipeError as error:
+        raise UsageError(str(error)) from None
     return 0
 
 
@@ -68,5 +109,9 @@ def load_weights(loader, weights: str | None):
     """Load a model or pipeline; a missing checkpoint is the user's to fix, not a traceback."""
     try:
         return loader(weights)
-    except (FileNotFoundError, RuntimeError) as error:
+    except FileNotFoundError as error:
         raise UsageError(str(error)) from None
+    except Exception as error:  # corrupt or foreign files fail in many library-specific ways
+        where = weights or "the shipped weights"
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"cannot load {where}: {message}") from None

@@ -6,8 +6,6 @@ from pathlib import Path
 
 from kinetoscope.cli import common
 
-VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
-
 
 def register(subparsers):
     generate = subparsers.add_parser("generate", help="generate a video (or a .png image) from a prompt")
@@ -15,10 +13,10 @@ def register(subparsers):
     generate.add_argument("--output", "-o", required=True, help="out.mp4, out.gif, out.webp or out.png")
     generate.add_argument("--seconds", type=common.positive_float, default=2.0)
     generate.add_argument("--size", type=common.parse_size, default=(128, 128), help="WxH (default 128x128)")
-    generate.add_argument("--fps", type=common.positive_float, default=8.0)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--fps", type=common.frame_rate, default=8.0)
+    generate.add_argument("--seed", type=common.seed, default=0)
     generate.add_argument("--steps", type=common.positive_int, default=20)
-    generate.add_argument("--guidance", type=float, default=4.0)
+    generate.add_argument("--guidance", type=common.finite_float, default=4.0)
     generate.add_argument("--sampler", choices=("euler", "heun"), default="euler")
     generate.add_argument("--weights", help="generator folder (default: the shipped model)")
     generate.set_defaults(handler=run_generate)
@@ -30,7 +28,7 @@ def register(subparsers):
     evaluate = subparsers.add_parser("eval", help="generate held-out prompts and score them with the judge")
     evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
     evaluate.add_argument("--steps", type=common.positive_int, default=20)
-    evaluate.add_argument("--guidance", type=float, default=4.0)
+    evaluate.add_argument("--guidance", type=common.finite_float, default=4.0)
     evaluate.add_argument("--weights", help="generator folder (default: the shipped model)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
     evaluate.set_defaults(handler=run_eval)
@@ -39,7 +37,7 @@ def register(subparsers):
     bench.add_argument("--size", type=common.parse_size, default=(128, 128))
     bench.add_argument("--seconds", type=common.positive_float, default=2.0)
     bench.add_argument("--steps", type=common.positive_int, default=20)
-    bench.add_argument("--guidance", type=float, default=4.0)
+    bench.add_argument("--guidance", type=common.finite_float, default=4.0)
     bench.add_argument("--repeats", type=common.positive_int, default=5)
     bench.add_argument("--weights", help="generator folder (default: the shipped model)")
     bench.set_defaults(handler=run_bench)
@@ -63,7 +61,7 @@ def retime(frames, source_fps: float, target_fps: float, seconds: float):
 def run_generate(args) -> int:
     from tqdm import tqdm
 
-    from kinetoscope.media.video import VideoError, write_video
+    from kinetoscope.media.video import VIDEO_SUFFIXES, VideoError, write_video
 
     output = Path(args.output)
     image = output.suffix.lower() == ".png"

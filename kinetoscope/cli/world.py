@@ -7,6 +7,10 @@ from pathlib import Path
 
 from kinetoscope.cli import common
 
+MAX_FRAMES = 2000
+MAX_CLIP_PIXELS = 256 * 1024 * 1024  # 768 MB of uint8 frames, rendered in float32 on top
+SHEET_CLIPS = 16  # the contact sheet shows the first clips; the rest are only on disk
+
 
 def register(subparsers):
     world_parser = subparsers.add_parser("world", help="the Shapes World domain")
@@ -15,9 +19,9 @@ def register(subparsers):
     sample.add_argument("--count", type=common.positive_int, default=8)
     sample.add_argument("--out", required=True, help="output folder")
     sample.add_argument("--size", type=common.parse_size, default=(128, 128), help="WxH (default 128x128)")
-    sample.add_argument("--fps", type=common.positive_float, default=8.0)
+    sample.add_argument("--fps", type=common.frame_rate, default=8.0)
     sample.add_argument("--seconds", type=common.positive_float, default=2.0)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=common.seed, default=0)
     sample.add_argument("--split", choices=("train", "heldout"), default="train",
                         help="held-out scenes and phrasings are the ones training never sees")
     sample.set_defaults(handler=run_sample)
@@ -38,8 +42,11 @@ def run_sample(args) -> int:
 
     width, height = args.size
     frames = max(1, round(args.seconds * args.fps) + 1)
-    if frames > 2000:
-        raise common.UsageError(f"{frames} frames is too long; ask for at most 2000 (seconds x fps)")
+    if frames > MAX_FRAMES:
+        raise common.UsageError(f"{frames} frames is too long; ask for at most {MAX_FRAMES} (seconds x fps)")
+    if width * height * frames > MAX_CLIP_PIXELS:
+        raise common.UsageError(f"a {width}x{height} clip of {frames} frames is too big to render; "
+                                f"keep width x height x frames under {MAX_CLIP_PIXELS:,}")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -56,10 +63,11 @@ def run_sample(args) -> int:
         write_video(out / f"{name}.mp4", video, args.fps)
         metadata = {"captions": texts, "fps": args.fps, "size": [width, height], "frames": frames, **scene.to_dict()}
         (out / f"{name}.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        clips.append(video)
-        labels.append(f"{name}: {texts[0]}")
+        if index < SHEET_CLIPS:
+            clips.append(video)
+            labels.append(f"{name}: {texts[0]}")
     save_contact_sheet(out / "contact_sheet.png", clips, labels)
-    print(f"wrote {args.count} clips to {out} (contact sheet: {out / 'contact_sheet.png'})")
+    print(f"wrote {args.count} clips to {out} (contact sheet of the first {len(clips)}: {out / 'contact_sheet.png'})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""How far to trust the judge: `python -m kinetoscope.eval.calibrate [--count N] [--seed S]`.
+"""How far to trust the judge: `kinetoscope calibrate [--count N] [--seed S]`.
 
 Renders seeded Shapes World scenes (2 s at 8 fps) at several sizes, clean and degraded (blur,
 noise, an H.264 round trip at a high CRF), and judges every clip three times: against its own full
@@ -10,10 +10,7 @@ accuracy of each kind of check on the true scenes.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -22,7 +19,6 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from kinetoscope.cli import common
 from kinetoscope.data import world
 from kinetoscope.eval.judge import compare, observe
 from kinetoscope.media.video import read_video, write_video
@@ -148,34 +144,3 @@ def format_table(tallies: dict[str, Tally]) -> str:
         shares = [f"{part / tally.clips:.1%}" for part in (tally.passed, tally.false_accepts, tally.near_miss_accepts)]
         rows.append([condition, str(tally.clips), *shares, *accuracies])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kinetoscope.eval.calibrate",
-                                     description="How often the judge is right on rendered ground truth.")
-    parser.add_argument("--count", type=int, default=100, help="scenes per canvas size (default 100)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--canvas", type=common.parse_size, action="append", metavar="WxH",
-                        help="canvas size, repeatable (default 64x64, 96x64 and 128x128)")
-    parser.add_argument("--crf", type=int, default=H264_CRF,
-                        help=f"H.264 CRF of the compressed condition (default {H264_CRF})")
-    parser.add_argument("--show-failures", type=int, default=0, metavar="N",
-                        help="print up to N failed checks per condition")
-    args = parser.parse_args(argv)
-    if args.count < 2:
-        parser.error("--count must be at least 2 (each scene is also judged against another)")
-    if not 0 <= args.crf <= 51:
-        parser.error(f"--crf must be in 0..51 (libx264), got {args.crf}")
-    start = time.perf_counter()
-    tallies = calibrate(args.count, args.seed, args.canvas or CANVASES, args.crf)
-    print(format_table(tallies))
-    print(f"\n{args.count} scenes per canvas, {FRAMES} frames at {FPS:g} fps; blur sigma {BLUR_SIGMA:g} px, "
-          f"noise sigma {NOISE_SIGMA:g}; {time.perf_counter() - start:.0f} s")
-    for condition, tally in tallies.items():
-        for line in tally.failures[: args.show_failures]:
-            print(f"{condition}: {line}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 from kinetoscope.data import world
 from kinetoscope.data.dataset import Bucket, ShapesWorldDataset, tensor_to_clip
+from kinetoscope.models.precision import autocast_for
 
 EVAL_BUCKETS = (Bucket(64, 64, 17), Bucket(96, 64, 17), Bucket(128, 128, 17), Bucket(128, 128, 1))
 EVAL_SEED = 20261125  # held-out clips: a seed the training stream never uses, on the held-out split
@@ -62,10 +62,6 @@ def palette_colours_kept(original: np.ndarray, reconstruction: np.ndarray, scene
         majority = np.bincount(nearest, minlength=len(palette_names)).argmax()
         kept += palette_names[majority] == obj.color
     return kept, len(scene.groups())
-
-
-def autocast_for(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if device.type in ("cpu", "cuda") else nullcontext()
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace, Interpolation
 from PIL import Image, ImageDraw, ImageFont, ImageSequence, UnidentifiedImageError
 
-WRITABLE_SUFFIXES = (".mp4", ".gif", ".webp", ".png")
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
+WRITABLE_SUFFIXES = (*VIDEO_SUFFIXES, ".png")  # a .png is one still frame
 MAX_CRF = 51  # libx264's worst quality for 8-bit video
 WEBP_QUALITY = 90  # lossy: generated frames are too noisy for lossless WebP to stay small
 STILL_IMAGE_FPS = 25.0  # what FFmpeg's image demuxers report, so every still image reads alike

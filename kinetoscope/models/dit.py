@@ -3,8 +3,9 @@
 One model for every size, aspect ratio and duration, images included: the latent video is cut
 into patches of (pt, ph, pw) latent cells, positions enter only through 3D rotary embeddings in
 attention, so nothing is tied to one grid. Each block: self-attention over all spacetime tokens,
-cross-attention to the text tokens, MLP, each gated by adaLN-Zero from the timestep (and the
-pooled prompt), so every block starts as the identity.
+cross-attention to the text tokens, MLP. Self-attention and MLP are modulated and gated by
+adaLN-Zero from the timestep (and the pooled prompt); cross-attention's output projection starts
+at zero, so every block starts as the identity.
 
 Shapes: latents (B, C, T, H, W); text (B, L, D_text) with mask (B, L); tokens (B, N, D).
 """
@@ -156,6 +157,8 @@ class DiTBlock(nn.Module):
 class DiffusionTransformer(nn.Module):
     def __init__(self, cfg: DiTConfig = DiTConfig()):
         super().__init__()
+        if cfg.patch[0] != 1:  # causal latents have 1 + k steps: the first frame stands alone
+            raise ValueError(f"time patch {cfg.patch[0]} is not supported; the causal latent needs a time patch of 1")
         self.cfg = cfg
         d = cfg.dim
         patch_dim = cfg.latent_channels * math.prod(cfg.patch)

@@ -13,6 +13,7 @@ autoencoder decodes it to frames.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from kinetoscope.data.dataset import tensor_to_clip
 from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule
-from kinetoscope.eval.reconstruction import autocast_for
+from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer
 from kinetoscope.models.text_encoder import TextEncoder
@@ -69,10 +70,13 @@ class TextToVideo:
     def size_multiple(self) -> int:
         return self.autoencoder.cfg.spatial_factor * self.transformer.cfg.patch[1]
 
+    @property
+    def frame_multiple(self) -> int:
+        return self.autoencoder.cfg.temporal_factor
+
     def frames_for(self, seconds: float) -> int:
-        """1 + 4k frames at the model's frame rate, the nearest to `seconds`."""
-        step = self.autoencoder.cfg.temporal_factor * self.transformer.cfg.patch[0]
-        return 1 + step * max(0, round(seconds * self.fps / step))
+        """The fewest 1 + 4k frames at the model's frame rate that last at least `seconds`."""
+        return 1 + self.frame_multiple * max(1, math.ceil(seconds * self.fps / self.frame_multiple - 1e-9))
 
     def check_request(self, prompt: str, width: int, height: int, frames: int):
         if not isinstance(prompt, str) or not prompt.strip():
@@ -82,7 +86,7 @@ class TextToVideo:
         m = self.size_multiple
         if width % m or height % m or not (m <= width <= MAX_SIDE and m <= height <= MAX_SIDE):
             raise ValueError(f"size {width}x{height} is not supported: width and height must be multiples of {m} from {m} to {MAX_SIDE}")
-        step = self.autoencoder.cfg.temporal_factor * self.transformer.cfg.patch[0]
+        step = self.frame_multiple
         if frames < 1 or (frames - 1) % step or frames > MAX_FRAMES:
             raise ValueError(f"{frames} frames is not supported: 1 + {step}k frames, at most {MAX_FRAMES}")
 

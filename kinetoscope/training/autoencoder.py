@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from kinetoscope.data.dataset import Bucket, ShapesWorldDataset, tensor_to_clip
-from kinetoscope.eval.reconstruction import EVAL_SEED, autocast_for, psnr
+from kinetoscope.eval.reconstruction import EVAL_SEED, psnr
+from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
-from kinetoscope.training.common import RunDirectory, Stopwatch, learning_rate, load_recipe, run_progress
+from kinetoscope.training.common import DATA_KEYS, TRAIN_KEYS, RunDirectory, Stopwatch, learning_rate, load_recipe, run_progress
 
 
 def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -53,7 +54,7 @@ def save_training_model(model: VideoAutoencoder, directory: Path):
 
 
 def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None) -> Path:
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, {"model": (), "data": DATA_KEYS, "train": TRAIN_KEYS})
     settings = recipe["train"]
     total_steps = steps or settings["steps"]
     minutes = minutes if minutes is not None else settings.get("minutes")

@@ -12,12 +12,32 @@ from pathlib import Path
 import torch
 
 
-def load_recipe(path: str | Path) -> dict:
+TRAIN_KEYS = ("steps", "lr", "warmup", "weight_decay", "grad_clip", "seed", "workers", "log_every",
+              "eval_every", "checkpoint_minutes", "output")
+DATA_KEYS = ("buckets", "fps", "pixels_per_batch", "seed")
+
+
+class RecipeError(ValueError):
+    """A recipe that is missing, not TOML, or lacks a setting its trainer needs."""
+
+
+def load_recipe(path: str | Path, required: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """Read a TOML recipe and check that every `required` table has its keys."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no recipe at {path}")
-    with path.open("rb") as f:
-        return tomllib.load(f)
+        raise RecipeError(f"no recipe at {path}")
+    try:
+        with path.open("rb") as f:
+            recipe = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise RecipeError(f"{path} is not valid TOML: {error}") from None
+    for table, keys in (required or {}).items():
+        if not isinstance(recipe.get(table), dict):
+            raise RecipeError(f"{path} has no [{table}] table")
+        missing = [key for key in keys if key not in recipe[table]]
+        if missing:
+            raise RecipeError(f"{path}: [{table}] lacks {', '.join(missing)}")
+    return recipe
 
 
 def learning_rate(step: int, peak: float, warmup: int, progress: float, floor: float = 0.05) -> float:

@@ -24,14 +24,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from kinetoscope.data.captions import PromptError, parse_prompt
 from kinetoscope.data.dataset import ShapesWorldDataset
 from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, velocity_target
-from kinetoscope.eval.reconstruction import autocast_for
+from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.text_encoder import TextEncoder
-from kinetoscope.training.common import RunDirectory, Stopwatch, learning_rate, load_recipe, run_progress
+from kinetoscope.training.common import DATA_KEYS, TRAIN_KEYS, RecipeError, RunDirectory, Stopwatch, learning_rate, load_recipe, run_progress
 
+REQUIRED = {
+    "model": ("size",),
+    "data": DATA_KEYS,
+    "train": (*TRAIN_KEYS, "caption_dropout", "ema_decay"),
+    "eval": ("prompts", "steps", "guidance"),
+}
 TIME_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # loss is logged per band of t
 
 
@@ -81,6 +88,15 @@ def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_d
     return per_sample, t
 
 
+def check_eval_prompts(prompts: list[str]):
+    """The judge scores the samples, so every eval prompt must be in the world's grammar: fail now, not at step 500."""
+    for prompt in prompts:
+        try:
+            parse_prompt(prompt)
+        except PromptError as error:
+            raise RecipeError(f"[eval] prompts: {error}") from None
+
+
 def agreed(fraction: float, world_size: int, device: torch.device) -> float:
     """The furthest any rank is through the budget, so all ranks stop (and anneal) together."""
     if world_size == 1:
@@ -105,7 +121,8 @@ def save_checkpoint_model(pair, directory: Path):
 
 
 def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None) -> Path | None:
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, REQUIRED)
+    check_eval_prompts(recipe["eval"]["prompts"])
     settings = recipe["train"]
     total_steps = steps or settings["steps"]
     minutes = minutes if minutes is not None else settings.get("minutes")
@@ -189,7 +206,6 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 @torch.no_grad()
 def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory, step: int, device):
     """Generate the recipe's sample prompts with the EMA weights, judge them, save a contact sheet."""
-    from kinetoscope.data.captions import parse_prompt
     from kinetoscope.eval.judge import judge
     from kinetoscope.media.video import save_contact_sheet
     from kinetoscope.pipelines.text_to_video import TextToVideo
@@ -202,7 +218,6 @@ def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory
         passed += verdict.passed
         clips.append(video.frames)
         labels.append(f"{'PASS' if verdict.passed else 'FAIL'}  {prompt}")
-    ema.train(False)
     run.log({"step": step, "eval_judge_pass": passed / len(clips)})
     save_contact_sheet(run.root / "samples" / f"samples_{step:06d}.png", clips, labels)
     band_keys = tuple(f"loss_t{TIME_BUCKETS[i]:.1f}-{TIME_BUCKETS[i + 1]:.1f}" for i in range(len(TIME_BUCKETS) - 1))
