@@ -44,6 +44,16 @@ def test_changing_a_later_frame_never_changes_an_earlier_latent(model):
     assert not torch.allclose(a[:, :, 3:], b[:, :, 3:])
 
 
+def test_changing_a_later_latent_never_changes_an_earlier_frame(model):
+    latents = torch.randn(1, 8, 5, 4, 4)
+    edited = latents.clone()
+    edited[:, :, 3:] = -latents[:, :, 3:]  # latent steps 3 and 4 decode to frames 9..16
+    with torch.no_grad():
+        a, b = model.decode(latents), model.decode(edited)
+    assert torch.equal(a[:, :, :9], b[:, :, :9])
+    assert not torch.allclose(a[:, :, 9:], b[:, :, 9:])
+
+
 def test_an_image_is_a_one_frame_video(model):
     video = torch.rand(2, 3, 9, 32, 48) * 2 - 1
     with torch.no_grad():

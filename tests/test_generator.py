@@ -117,6 +117,16 @@ def test_samplers_integrate_a_straight_path_exactly():
         torch.testing.assert_close(sampler(lambda x, t: noise - x0, noise, times), x0)
 
 
+def test_heun_is_second_order_on_a_curved_path():
+    # dx/dt = x, integrated from t=1 down to 0: the exact answer is x(1) / e.
+    start = torch.ones(1)
+    times = torch.linspace(1.0, 0.0, 9)
+    exact = start / torch.e
+    euler_error = (euler_sample(lambda x, t: x, start, times) - exact).abs().item()
+    heun_error = (heun_sample(lambda x, t: x, start, times) - exact).abs().item()
+    assert heun_error < euler_error / 5
+
+
 def test_shift_grows_with_token_count_and_keeps_the_ends():
     schedule = FlowSchedule()
     assert schedule.shift(20) < schedule.shift(80) == 1.0 < schedule.shift(320)
@@ -138,7 +148,7 @@ def test_same_seed_same_video_other_seed_other_video(pipe):
     assert set(a.timings) == {"text", "denoise", "decode"}
 
 
-def count_calls(pipe):
+def count_calls(pipe, monkeypatch):
     calls = []
     forward = pipe.transformer.forward
 
@@ -146,29 +156,39 @@ def count_calls(pipe):
         calls.append(x.shape[0])
         return forward(x, *args)
 
-    pipe.transformer.forward = counting
+    monkeypatch.setattr(pipe.transformer, "forward", counting)
     return calls
 
 
-def test_steps_guidance_and_sampler_change_what_they_should(pipe):
-    calls = count_calls(pipe)
-    try:
-        run = lambda **kw: pipe("two small yellow squares slide up", width=32, height=32, frames=1, seed=0, **kw).frames
-        guided = run(steps=3, guidance=4.0)
-        assert calls == [2, 2, 2]  # one batch of conditional + unconditional per step
-        calls.clear()
-        conditional = run(steps=3, guidance=1.0)
-        assert calls == [1, 1, 1]  # guidance 1 is the conditional model alone
-        calls.clear()
-        heun = run(steps=3, guidance=1.0, sampler="heun")
-        assert len(calls) == 5  # two evaluations per step but the last
-        calls.clear()
-        more_steps = run(steps=6, guidance=1.0)
-        assert len(calls) == 6
-        assert not np.array_equal(guided, conditional)
-        assert not np.array_equal(heun, conditional) and not np.array_equal(more_steps, conditional)
-    finally:
-        del pipe.transformer.forward
+def test_steps_guidance_and_sampler_change_what_they_should(pipe, monkeypatch):
+    calls = count_calls(pipe, monkeypatch)
+    run = lambda **kw: pipe("two small yellow squares slide up", width=32, height=32, frames=1, seed=0, **kw).frames
+    guided = run(steps=3, guidance=4.0)
+    assert calls == [2, 2, 2]  # one batch of conditional + unconditional per step
+    calls.clear()
+    conditional = run(steps=3, guidance=1.0)
+    assert calls == [1, 1, 1]  # guidance 1 is the conditional model alone
+    calls.clear()
+    heun = run(steps=3, guidance=1.0, sampler="heun")
+    assert len(calls) == 5  # two evaluations per step but the last
+    calls.clear()
+    more_steps = run(steps=6, guidance=1.0)
+    assert len(calls) == 6
+    assert not np.array_equal(guided, conditional)
+    assert not np.array_equal(heun, conditional) and not np.array_equal(more_steps, conditional)
+
+
+def test_guidance_extrapolates_from_the_empty_prompt_through_the_prompt(pipe, monkeypatch):
+    def fake_velocity(x, t, text, mask):  # 3 where the prompt is seen, 1 for the empty prompt
+        has_prompt = mask[:, 1:].any(1).float().view(-1, 1, 1, 1, 1)
+        return torch.ones_like(x) * (1 + 2 * has_prompt)
+
+    monkeypatch.setattr(pipe.transformer, "forward", fake_velocity)
+    text, mask = pipe.text_encoder.encode(["a red circle"])
+    x = torch.zeros(1, 8, 1, 4, 4)
+    for guidance in (1.0, 2.5, 0.0):
+        velocity = pipe.guided_velocity(text, mask, guidance)(x, torch.ones(1))
+        torch.testing.assert_close(velocity, torch.full_like(x, 1 + 2 * guidance))
 
 
 @pytest.mark.parametrize(
