@@ -18,14 +18,14 @@ stored in the weights.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+
+from kinetoscope.models.checkpoint import load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -231,23 +231,14 @@ class VideoAutoencoder(nn.Module):
     # -- weights --------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path, metadata: dict | None = None):
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-        (directory / "config.json").write_text(json.dumps({**asdict(self.cfg), **(metadata or {})}, indent=2) + "\n")
+        save_checkpoint(directory, self, self.cfg, metadata)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path | None = None) -> "VideoAutoencoder":
         directory = Path(directory) if directory is not None else default_weights_dir()
-        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-        if not config_path.is_file() or not weights_path.is_file():
-            raise FileNotFoundError(f"no autoencoder checkpoint in {directory} (need config.json and model.safetensors)")
-        fields = AutoencoderConfig.__dataclass_fields__
-        raw = json.loads(config_path.read_text())
-        cfg = AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
+        cfg, state = load_checkpoint(directory, AutoencoderConfig, "autoencoder")
         model = cls(cfg)
-        model.load_state_dict(load_file(weights_path))
+        model.load_state_dict(state)
         return model.eval()
 
 

@@ -12,15 +12,15 @@ Shapes: latents (B, C, T, H, W); text (B, L, D_text) with mask (B, L); tokens (B
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+
+from kinetoscope.models.checkpoint import load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -228,20 +228,11 @@ class DiffusionTransformer(nn.Module):
     # -- weights --------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path, metadata: dict | None = None):
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
-        (directory / "config.json").write_text(json.dumps({**asdict(self.cfg), **(metadata or {})}, indent=2) + "\n")
+        save_checkpoint(directory, self, self.cfg, metadata)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "DiffusionTransformer":
-        directory = Path(directory)
-        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-        if not config_path.is_file() or not weights_path.is_file():
-            raise FileNotFoundError(f"no generator checkpoint in {directory} (need config.json and model.safetensors)")
-        raw = json.loads(config_path.read_text())
-        fields = DiTConfig.__dataclass_fields__
-        cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
+        cfg, state = load_checkpoint(directory, DiTConfig, "generator")
         model = cls(cfg)
-        model.load_state_dict(load_file(weights_path))
+        model.load_state_dict(state)
         return model.eval()

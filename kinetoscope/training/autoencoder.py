@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from kinetoscope.data.dataset import Bucket, ShapesWorldDataset, tensor_to_clip
 from kinetoscope.eval.reconstruction import EVAL_SEED, psnr
-from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
-from kinetoscope.training.common import DATA_KEYS, TRAIN_KEYS, RunDirectory, Stopwatch, learning_rate, load_recipe, run_progress
+from kinetoscope.models.checkpoint import config_from_dict
+from kinetoscope.models.precision import autocast_for
+from kinetoscope.training.common import DATA_KEYS, TRAIN_KEYS, RecipeError, RunDirectory, Stopwatch, learning_rate, load_recipe, run_progress
 
 
 def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,10 @@ def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor) -> torch.Tenso
 
 
 def model_config(recipe: dict) -> AutoencoderConfig:
-    return AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe["model"].items()})
+    try:
+        return config_from_dict(AutoencoderConfig, recipe["model"])
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"[model]: {error}") from None
 
 
 @torch.no_grad()

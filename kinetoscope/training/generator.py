@@ -133,7 +133,10 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 
     autoencoder = VideoAutoencoder.from_pretrained(recipe["data"].get("autoencoder"))
     overrides = {"latent_channels": autoencoder.cfg.latent_channels, **recipe["model"].get("overrides", {})}
-    model = DiffusionTransformer(config_for(recipe["model"]["size"], **overrides)).to(device)
+    try:
+        model = DiffusionTransformer(config_for(recipe["model"]["size"], **overrides)).to(device)
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"[model]: {error}") from None
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
     step, carried = 0, 0.0
