@@ -105,7 +105,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         if step % settings["log_every"] == 0:
             run.log({"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr,
                      "bucket": str(batch["bucket"]), "elapsed_s": round(clock.elapsed, 1)})
-        if step % settings["eval_every"] == 0 or step == total_steps:
+        if step % settings["eval_every"] == 0:
             evaluate(model, eval_video, run, step)
             model.train()
         if time.monotonic() - last_checkpoint > settings["checkpoint_minutes"] * 60:
@@ -113,7 +113,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
             last_checkpoint = time.monotonic()
     bar.close()
     checkpoint()
-    evaluate(model, eval_video, run, step)
+    if step % settings["eval_every"]:  # the last step's evaluation, unless the loop just made it
+        evaluate(model, eval_video, run, step)
     return export(model, recipe, run, step, clock.elapsed, device)
 
 
