@@ -202,7 +202,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         dist.destroy_process_group()
     if not main_process:
         return None
-    evaluate(ema, autoencoder, to_latents.text_encoder, schedule, recipe, run, step, device)
+    if step % settings["eval_every"]:  # the last step's evaluation, unless the loop just made it
+        evaluate(ema, autoencoder, to_latents.text_encoder, schedule, recipe, run, step, device)
     return export(ema, recipe, run, step, clock.elapsed, device)
 
 
