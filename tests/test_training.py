@@ -116,3 +116,13 @@ def test_generator_training_resumes_and_exports_a_loadable_model(tmp_path):
     pipe = TextToVideo.load(final, device="cpu")  # self-contained: the default autoencoder is found
     video = pipe("a red square spins", width=32, height=32, frames=5, steps=1)
     assert video.frames.shape == (5, 32, 32, 3)
+
+    # Another run can start from the exported weights (a fresh optimizer), but only for the same model.
+    onward = tmp_path / "onward.toml"
+    onward.write_text(TINY_RECIPE.replace('size = "tiny"', f'size = "tiny"\ninit = "{final}"'))
+    onward_final = train(str(onward), output=str(tmp_path / "onward"), steps=1)
+    assert json.loads((onward_final / "config.json").read_text())["trained_steps"] == 1
+    mismatched = tmp_path / "mismatched.toml"
+    mismatched.write_text(onward.read_text().replace("depth = 1", "depth = 2"))
+    with pytest.raises(RecipeError, match="init"):
+        train(str(mismatched), output=str(tmp_path / "mismatched"))

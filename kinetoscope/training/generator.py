@@ -147,6 +147,14 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         step, carried = state["step"], state["elapsed_s"]
         if main_process:
             print(f"resuming from step {step} ({carried / 60:.1f} min so far)")
+    elif recipe["model"].get("init"):  # continue from exported weights (EMA, bf16): a fresh optimizer, same model
+        start = DiffusionTransformer.from_pretrained(recipe["model"]["init"])
+        if start.cfg != model_config(model):
+            raise RecipeError(f"[model] init {recipe['model']['init']} is a {start.cfg}, not the recipe's {model_config(model)}")
+        model.load_state_dict(start.float().state_dict())
+        ema.load_state_dict(start.state_dict())
+        if main_process:
+            print(f"starting from the weights in {recipe['model']['init']}")
     torch.manual_seed(settings["seed"] * 1_000_003 + step * 64 + rank)  # a resumed run draws fresh noise
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
