@@ -1,6 +1,9 @@
 """What the trainers share: recipes, crash-safe checkpoints, and a generator run that resumes."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -126,3 +129,14 @@ def test_generator_training_resumes_and_exports_a_loadable_model(tmp_path):
     mismatched.write_text(onward.read_text().replace("depth = 1", "depth = 2"))
     with pytest.raises(RecipeError, match="init"):
         train(str(mismatched), output=str(tmp_path / "mismatched"))
+
+
+def test_two_processes_under_torchrun_stop_together_on_the_time_budget(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.replace("steps = 2\n", "steps = 100000\n"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "kinetoscope", "train",
+               "--recipe", str(recipe), "--output", str(tmp_path / "run"), "--minutes", "0.1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] > 0 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
