@@ -284,3 +284,28 @@ def test_generate_cli_corrupt_checkpoint_is_one_line(weights_dir, tmp_path, caps
     assert len(err.splitlines()) == 1 and "cannot load" in err
     assert not (tmp_path / "x.mp4").exists()
 
+
+
+# -- the shipped default model ------------------------------------------------------------------------
+
+
+def test_the_shipped_model_is_small_and_loads_by_default():
+    from kinetoscope.pipelines.text_to_video import DEFAULT_WEIGHTS
+
+    assert (DEFAULT_WEIGHTS / "model.safetensors").stat().st_size < 32 * 2**20
+    config = json.loads((DEFAULT_WEIGHTS / "config.json").read_text())
+    assert config["trained_steps"] > 0 and "hardware" in config
+
+
+def test_the_shipped_model_generates_what_the_readme_promises(tmp_path):
+    from kinetoscope.media.video import read_video
+
+    output = tmp_path / "out.mp4"
+    assert main(["generate", "a red circle moves to the right on a black background", "-o", str(output), "--steps", "8"]) == 0
+    info = video_info(output)
+    assert (info["width"], info["height"], info["frames"], info["codec"]) == (128, 128, 17, "h264")
+    frames, _ = read_video(output)
+    pixels = frames.reshape(-1, 3).astype(int)
+    dark = (pixels.max(1) < 40).mean()
+    red = ((pixels[:, 0] > 150) & (pixels[:, 1] < 90) & (pixels[:, 2] < 90)).mean()
+    assert dark > 0.8 and red > 0.001  # a black background with something red on it
