@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from kinetoscope.data.dataset import clip_to_tensor, tensor_to_clip
-from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.autoencoder import VideoAutoencoder
+from kinetoscope.models.precision import autocast_for
 
 MAX_PIXELS = 1024 * 1024 * 257  # beyond this a round trip would take minutes; refuse up front
 

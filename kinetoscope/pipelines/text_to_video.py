@@ -23,9 +23,9 @@ import torch
 
 from kinetoscope.data.dataset import tensor_to_clip
 from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule
-from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer
+from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "generator"

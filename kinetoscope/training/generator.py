@@ -27,9 +27,9 @@ from tqdm import tqdm
 from kinetoscope.data.captions import PromptError, parse_prompt
 from kinetoscope.data.dataset import ShapesWorldDataset
 from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, velocity_target
-from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer, config_for
+from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
 from kinetoscope.training.common import DATA_KEYS, TRAIN_KEYS, RecipeError, RunDirectory, Stopwatch, learning_rate, load_recipe, run_progress
 
@@ -149,8 +149,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
             print(f"resuming from step {step} ({carried / 60:.1f} min so far)")
     elif recipe["model"].get("init"):  # continue from exported weights (EMA, bf16): a fresh optimizer, same model
         start = DiffusionTransformer.from_pretrained(recipe["model"]["init"])
-        if start.cfg != model_config(model):
-            raise RecipeError(f"[model] init {recipe['model']['init']} is a {start.cfg}, not the recipe's {model_config(model)}")
+        if start.cfg != model.cfg:
+            raise RecipeError(f"[model] init {recipe['model']['init']} is a {start.cfg}, not the recipe's {model.cfg}")
         model.load_state_dict(start.float().state_dict())
         ema.load_state_dict(start.state_dict())
         if main_process:
