@@ -71,6 +71,29 @@ def test_padding_tokens_of_the_prompt_are_ignored():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_canvas_positions_tell_tokens_where_the_edges_are():
+    """With rotary positions alone a model cannot tell a token at the edge from one in the middle of
+    a uniform latent; canvas features can, and at any size they mean the same fractions."""
+    torch.manual_seed(0)
+    model = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=1, canvas_frequencies=4))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.zeros(1, 8, 1, 8, 8), torch.full((1,), 0.5)  # a 4x4 grid of 2x2-cell tokens
+    text, mask = torch.randn(1, 3, 384), torch.ones(1, 3, dtype=torch.bool)
+    with torch.no_grad():
+        out = model(x, t, text, mask)[0, :, 0]  # (C, H, W)
+        assert not torch.allclose(out[:, 0, 0], out[:, 2, 2], atol=1e-4)  # corner token, inner token
+        model.canvas_in.weight.zero_()
+        flat = model(x, t, text, mask)[0, :, 0]
+        torch.testing.assert_close(flat[:, 0, 0], flat[:, 2, 2])  # translation-equivariant without them
+    from kinetoscope.models.dit import canvas_features
+
+    small, large = canvas_features((1, 2, 2), 4, "cpu"), canvas_features((1, 6, 6), 4, "cpu")
+    assert small.shape == (4, 16)
+    # The small grid's cell (0, 0) and the large grid's cell (1, 1) are both centred at 1/4 of each side.
+    torch.testing.assert_close(small[0], large[1 * 6 + 1])
+
+
 def test_model_sizes_registry():
     assert {"tiny", "small", "base"} <= set(MODEL_SIZES)
     with pytest.raises(ValueError, match="unknown model size"):

@@ -11,7 +11,7 @@ import torch
 from kinetoscope.cli import main
 from kinetoscope.pipelines.text_to_video import TextToVideo
 from kinetoscope.training.common import RecipeError, RunDirectory, load_recipe
-from kinetoscope.training.generator import REQUIRED, train
+from kinetoscope.training.generator import REQUIRED, LatentPool, train
 
 TINY_RECIPE = """
 [model]
@@ -34,6 +34,7 @@ caption_dropout = 0.5
 ema_decay = 0.9
 seed = 0
 workers = 0
+reuse = 2
 log_every = 1
 eval_every = 1000
 checkpoint_minutes = 100
@@ -84,6 +85,32 @@ def test_recipes_are_checked_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(RecipeError, match="no recipe"):
         load_recipe(tmp_path / "missing.toml")
+    for bad in ("0", "2.5", "true"):
+        reused = tmp_path / f"reuse_{bad}.toml"
+        reused.write_text(TINY_RECIPE.replace("reuse = 2\n", f"reuse = {bad}\n"))
+        with pytest.raises(RecipeError, match="reuse"):
+            train(str(reused), output=str(tmp_path / "run"))
+
+
+def test_latent_pool_serves_each_batch_about_reuse_times():
+    made = []
+
+    def make_batch():
+        made.append(len(made))
+        return made[-1]
+
+    once = LatentPool(make_batch, reuse=1, seed=0)
+    assert [once.next() for _ in range(5)] == [0, 1, 2, 3, 4]  # every batch once, in order
+
+    made.clear()
+    pool = LatentPool(make_batch, reuse=4, seed=0)
+    served = [pool.next() for _ in range(4000)]
+    assert len(made) == 4 - 1 + 4000 // 4  # a few batches up front, then one per `reuse` steps
+    uses = torch.bincount(torch.tensor(served))
+    assert abs(uses.float().mean().item() - 4) < 0.1
+    assert max(served[i] for i in range(100, 4000)) < len(made) and len(pool.batches) == 16
+    # Only batches still in the pool are served: never one older than its 16 newest.
+    assert all(made[-1] - b < 16 for b in served[-4:])
 
 
 @pytest.mark.parametrize("command", [["train"], ["ae", "train"]])
@@ -120,15 +147,39 @@ def test_generator_training_resumes_and_exports_a_loadable_model(tmp_path):
     video = pipe("a red square spins", width=32, height=32, frames=5, steps=1)
     assert video.frames.shape == (5, 32, 32, 3)
 
-    # Another run can start from the exported weights (a fresh optimizer), but only for the same model.
+    # Another run can start from the exported weights (a fresh optimizer), for the same model or one
+    # that adds blocks and canvas positions, but not for a different one.
     onward = tmp_path / "onward.toml"
     onward.write_text(TINY_RECIPE.replace('size = "tiny"', f'size = "tiny"\ninit = "{final}"'))
     onward_final = train(str(onward), output=str(tmp_path / "onward"), steps=1)
     assert json.loads((onward_final / "config.json").read_text())["trained_steps"] == 1
-    mismatched = tmp_path / "mismatched.toml"
-    mismatched.write_text(onward.read_text().replace("depth = 1", "depth = 2"))
-    with pytest.raises(RecipeError, match="init"):
-        train(str(mismatched), output=str(tmp_path / "mismatched"))
+    grown = tmp_path / "grown.toml"
+    grown.write_text(onward.read_text().replace("depth = 1", "depth = 3, canvas_frequencies = 4"))
+    grown_config = json.loads((train(str(grown), output=str(tmp_path / "grown"), steps=1) / "config.json").read_text())
+    assert (grown_config["depth"], grown_config["canvas_frequencies"]) == (3, 4)
+    for change in ("depth = 1, dim = 64", "depth = 0"):
+        mismatched = tmp_path / "mismatched.toml"
+        mismatched.write_text(onward.read_text().replace("depth = 1", change))
+        with pytest.raises(RecipeError, match="init"):
+            train(str(mismatched), output=str(tmp_path / "mismatched"))
+
+
+def test_a_grown_transformer_starts_from_the_same_predictions(tmp_path):
+    from kinetoscope.models.dit import DiffusionTransformer, config_for
+    from kinetoscope.training.generator import start_from
+
+    torch.manual_seed(0)
+    small = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=2))
+    for p in small.parameters():  # open the adaLN-Zero gates so the outputs mean something
+        torch.nn.init.normal_(p, std=0.05)
+    small.save_pretrained(tmp_path / "small")
+    grown = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=4, canvas_frequencies=6))
+    start_from(grown, str(tmp_path / "small"))
+    x, t, text, mask = torch.randn(2, 8, 2, 4, 6), torch.rand(2), torch.randn(2, 3, 384), torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, text, mask), small(x, t, text, mask))
+    with pytest.raises(RecipeError, match="can only add"):
+        start_from(DiffusionTransformer(config_for("tiny", latent_channels=8, depth=1)), str(tmp_path / "small"))
 
 
 def test_two_processes_under_torchrun_stop_together_on_the_time_budget(tmp_path):
@@ -140,3 +191,51 @@ def test_two_processes_under_torchrun_stop_together_on_the_time_budget(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["step"] > 0 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+# The autoencoder trains on the same tiny data and schedule; it has no captions, EMA or eval.
+TINY_AUTOENCODER_RECIPE = """
+[model]
+latent_channels = 8
+widths = [12, 24]
+blocks_per_level = 1
+""" + TINY_RECIPE[TINY_RECIPE.index("[data]"):TINY_RECIPE.index("[eval]")]
+
+
+def test_a_decoder_fine_tune_keeps_the_latent_space(tmp_path):
+    from safetensors.torch import load_file
+
+    from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
+    from kinetoscope.training.autoencoder import start_from
+    from kinetoscope.training.autoencoder import train as train_autoencoder
+
+    recipe = tmp_path / "ae.toml"
+    recipe.write_text(TINY_AUTOENCODER_RECIPE)
+    first = train_autoencoder(str(recipe), output=str(tmp_path / "first"))
+
+    stronger = TINY_AUTOENCODER_RECIPE.replace("blocks_per_level = 1", f'blocks_per_level = 1\ndecoder_blocks_per_level = 2\ninit = "{first}"')
+    # The added decoder blocks start as the identity: same reconstructions before any step.
+    grown = VideoAutoencoder(AutoencoderConfig(latent_channels=8, widths=(12, 24), blocks_per_level=1, decoder_blocks_per_level=2))
+    start_from(grown, str(first))
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(grown(video), VideoAutoencoder.from_pretrained(first).float()(video))
+
+    fine_tune = tmp_path / "decoder.toml"
+    fine_tune.write_text(stronger.replace("workers = 0\n", "workers = 0\nfreeze_encoder = true\n"))
+    second = train_autoencoder(str(fine_tune), output=str(tmp_path / "second"))
+    before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    for name, value in before.items():
+        if name.startswith("encoder.") or name.startswith("latent_"):
+            assert torch.equal(after[name], value), name  # the latent space a generator relies on
+    assert any(not torch.equal(after[name], value) for name, value in before.items() if name.startswith("decoder."))
+    assert any(name.startswith("decoder.") and name not in before for name in after)
+
+    with pytest.raises(RecipeError, match="set \\[model\\] init"):
+        unanchored = tmp_path / "unanchored.toml"
+        unanchored.write_text(TINY_AUTOENCODER_RECIPE.replace("workers = 0\n", "workers = 0\nfreeze_encoder = true\n"))
+        train_autoencoder(str(unanchored), output=str(tmp_path / "third"))
+    with pytest.raises(RecipeError, match="can only add decoder blocks"):
+        wider = tmp_path / "wider.toml"
+        wider.write_text(stronger.replace("widths = [12, 24]", "widths = [24, 48]"))
+        train_autoencoder(str(wider), output=str(tmp_path / "fourth"))

@@ -35,6 +35,11 @@ class AutoencoderConfig:
     blocks_per_level: int = 2
     temporal_factor: int = 4
     patch: int = 4  # space-to-depth before the first convolution
+    decoder_blocks_per_level: int | None = None  # None: as many as the encoder; more for a stronger decoder
+
+    @property
+    def decoder_blocks(self) -> int:
+        return self.blocks_per_level if self.decoder_blocks_per_level is None else self.decoder_blocks_per_level
 
     @property
     def spatial_factor(self) -> int:
@@ -143,7 +148,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = cfg.widths[::-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1)
-        self.stages = nn.ModuleList(Stage(w, cfg.blocks_per_level) for w in widths)
+        self.stages = nn.ModuleList(Stage(w, cfg.decoder_blocks) for w in widths)
         self.ups = nn.ModuleList(nn.Conv2d(widths[i], 4 * widths[i + 1], 1) for i in range(len(widths) - 1))
         self.conv_out = nn.Conv2d(widths[-1], 3 * cfg.temporal_factor * cfg.patch**2, 3, padding=1)
         self.patch = cfg.patch

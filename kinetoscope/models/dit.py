@@ -33,6 +33,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     text_dim: int = 384
     rope_theta: float = 100.0
+    canvas_frequencies: int = 0  # Fourier features of each token's place as a fraction of the canvas; 0: none
 
 
 MODEL_SIZES = {  # the shipped default is "small": what a 2-core CPU can train in an hour and run in real time
@@ -77,6 +78,22 @@ def rope_frequencies(head_dim: int, grid: tuple[int, int, int], theta: float, de
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:  # x float32 (B, heads, N, head_dim)
     pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * rotations).flatten(-2)
+
+
+def canvas_features(grid: tuple[int, int, int], frequencies: int, device) -> torch.Tensor:
+    """(N, 4 * frequencies): sin and cos of pi k u, k = 1..frequencies, for u the token centre's height
+    and width as fractions of the canvas. Rotary positions are relative, so without these a token
+    cannot tell how far it is from an edge, which Shapes World's bounces and in-canvas paths need;
+    fractions mean the same at every size, like the world's own coordinates."""
+    t, h, w = grid
+    k = torch.arange(1, frequencies + 1, device=device, dtype=torch.float32) * math.pi
+
+    def axis(length):  # (length, 2 * frequencies)
+        u = (torch.arange(length, device=device, dtype=torch.float32) + 0.5) / length
+        return torch.cat([torch.sin(u[:, None] * k), torch.cos(u[:, None] * k)], dim=-1)
+
+    rows, cols = axis(h), axis(w)
+    return torch.cat([rows[None, :, None].expand(t, h, w, -1), cols[None, None, :].expand(t, h, w, -1)], dim=-1).reshape(t * h * w, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +180,7 @@ class DiffusionTransformer(nn.Module):
         d = cfg.dim
         patch_dim = cfg.latent_channels * math.prod(cfg.patch)
         self.patch_in = nn.Linear(patch_dim, d)
+        self.canvas_in = nn.Linear(4 * cfg.canvas_frequencies, d) if cfg.canvas_frequencies else None
         self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
         self.text_pool = nn.Linear(cfg.text_dim, d)
@@ -187,6 +205,8 @@ class DiffusionTransformer(nn.Module):
         nn.init.zeros_(self.adaLN_out.bias)
         nn.init.zeros_(self.patch_out.weight)
         nn.init.zeros_(self.patch_out.bias)
+        if self.canvas_in is not None:  # starts silent, so weights trained without it keep working
+            nn.init.zeros_(self.canvas_in.weight)
 
     def check_latent_shape(self, t: int, h: int, w: int):
         pt, ph, pw = self.cfg.patch
@@ -203,6 +223,8 @@ class DiffusionTransformer(nn.Module):
         x = latents.reshape(b, c, grid[0], pt, grid[1], ph, grid[2], pw)
         x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, math.prod(grid), -1)
         x = self.patch_in(x)
+        if self.canvas_in is not None:
+            x = x + self.canvas_in(canvas_features(grid, self.cfg.canvas_frequencies, latents.device))
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
         cond = self.time_mlp(timestep_embedding(t, 256)) + self.text_pool(pooled)
         context = self.text_in(text)

@@ -10,6 +10,7 @@ latent statistics and exports the shippable weights to OUTPUT/final.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,22 @@ def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor) -> torch.Tenso
 
 def model_config(recipe: dict) -> AutoencoderConfig:
     try:
-        return config_from_dict(AutoencoderConfig, recipe["model"])
+        return config_from_dict(AutoencoderConfig, {k: v for k, v in recipe["model"].items() if k != "init"})
     except (TypeError, ValueError) as error:
         raise RecipeError(f"[model]: {error}") from None
+
+
+def start_from(model: VideoAutoencoder, directory: str):
+    """Load exported weights into `model`, which may have more decoder blocks than they do: the new
+    blocks start as the identity, so training continues from the same reconstructions."""
+    try:
+        start = VideoAutoencoder.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"[model] init: {error}") from None
+    same_otherwise = replace(start.cfg, decoder_blocks_per_level=None) == replace(model.cfg, decoder_blocks_per_level=None)
+    if not same_otherwise or model.cfg.decoder_blocks < start.cfg.decoder_blocks:
+        raise RecipeError(f"[model] init {directory} is a {start.cfg}; the recipe's {model.cfg} can only add decoder blocks")
+    model.load_state_dict(start.float().state_dict(), strict=False)
 
 
 @torch.no_grad()
@@ -67,13 +81,21 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     run = RunDirectory(output or settings["output"])
 
     model = VideoAutoencoder(model_config(recipe)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
+    # A frozen encoder keeps the latent space (and its statistics) that a trained generator relies on.
+    freeze_encoder = settings.get("freeze_encoder", False)
+    if freeze_encoder and not recipe["model"].get("init"):
+        raise RecipeError("[train] freeze_encoder needs trained weights to start from: set [model] init")
+    model.encoder.requires_grad_(not freeze_encoder)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
     step, carried = 0, 0.0
     if run.has_checkpoint():
         model.load_state_dict(load_file(run.checkpoint / "model.safetensors", device=str(device)))
         state = run.load_state(optimizer)
         step, carried = state["step"], state["elapsed_s"]
         print(f"resuming from step {step} ({carried / 60:.1f} min so far)")
+    elif recipe["model"].get("init"):
+        start_from(model, recipe["model"]["init"])
+        print(f"starting from the weights in {recipe['model']['init']}")
     clock = Stopwatch(carried)
     eval_video = ShapesWorldDataset(split="heldout", seed=EVAL_SEED, with_captions=False).make_batch(
         np.random.default_rng(EVAL_SEED), Bucket(128, 128, 17), 4
@@ -93,7 +115,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
             group["lr"] = lr
         video = batch["video"].to(device, non_blocking=True)
         with autocast_for(device):
-            recon = model(video)
+            with torch.set_grad_enabled(not freeze_encoder):
+                latents = model.encode(video, normalize=False)
+            recon = model.decode(latents, normalized=False)
         loss = reconstruction_loss(video, recon)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,7 +139,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     checkpoint()
     if step % settings["eval_every"]:  # the last step's evaluation, unless the loop just made it
         evaluate(model, eval_video, run, step)
-    return export(model, recipe, run, step, clock.elapsed, device)
+    return export(model, recipe, run, step, clock.elapsed, device, measure_latents=not freeze_encoder)
 
 
 @torch.no_grad()
@@ -136,12 +160,14 @@ def evaluate(model: VideoAutoencoder, video: torch.Tensor, run: RunDirectory, st
     run.plot_loss(("loss",), title=f"autoencoder loss (eval PSNR {score:.1f} dB at step {step})")
 
 
-def export(model: VideoAutoencoder, recipe: dict, run: RunDirectory, step: int, elapsed: float, device) -> Path:
-    """Measure latent statistics and write the shippable weights (bf16) to OUTPUT/final."""
+def export(model: VideoAutoencoder, recipe: dict, run: RunDirectory, step: int, elapsed: float, device,
+           measure_latents: bool = True) -> Path:
+    """Measure latent statistics (unless the encoder was frozen) and write the shippable weights (bf16) to OUTPUT/final."""
     model.eval()
-    mean, std = latent_statistics(model, recipe)
-    model.latent_mean.copy_(mean)
-    model.latent_std.copy_(std)
+    if measure_latents:
+        mean, std = latent_statistics(model, recipe)
+        model.latent_mean.copy_(mean)
+        model.latent_std.copy_(std)
     final = run.root / "final"
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     model.to(torch.bfloat16).save_pretrained(final, {"trained_steps": step, "wall_time_s": round(elapsed), "hardware": hardware})

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,35 @@ class LatentBatches:
         return latents, text.to(self.device), mask.to(self.device)
 
 
+class LatentPool:
+    """Each rendered and encoded batch serves `reuse` steps on average, at fresh noise and times.
+
+    On a CPU, rendering and encoding cost as much as the transformer's step; a diffusion model
+    learns nearly as much from a clip seen again at another noise level as from a new one. The
+    pool holds 4 * reuse batches; every `reuse` steps the oldest gives way to a new one, and each
+    step trains on a batch drawn at random from the pool, so a batch's uses are spread over its
+    time in the pool rather than made in a row. reuse = 1 uses every batch exactly once, in order.
+    """
+
+    def __init__(self, make_batch, reuse: int, seed: int):
+        self.make_batch = make_batch  # () -> (latents, text, mask, bucket)
+        self.reuse = reuse
+        self.capacity = 1 if reuse == 1 else 4 * reuse
+        self.batches = []
+        self.steps = 0
+        self.rng = np.random.default_rng(seed)
+
+    def next(self):
+        if self.steps % self.reuse == 0 or not self.batches:
+            self.batches.append(self.make_batch())
+            if len(self.batches) > self.capacity:
+                self.batches.pop(0)
+            while len(self.batches) < min(self.capacity, 4):  # a young pool first gathers a few batches
+                self.batches.append(self.make_batch())
+        self.steps += 1
+        return self.batches[self.rng.integers(len(self.batches))]
+
+
 def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_dropout: float, generator=None):
     """Velocity MSE per sample (B,), and the times it was drawn at."""
     b = latents.shape[0]
@@ -86,6 +116,21 @@ def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_d
         prediction = model(add_noise(latents, noise, t), t, text, mask)
     per_sample = F.mse_loss(prediction.float(), velocity_target(latents, noise), reduction="none").flatten(1).mean(1)
     return per_sample, t
+
+
+def start_from(model: DiffusionTransformer, directory: str):
+    """Load exported weights into `model`, which may be deeper or add canvas positions: new blocks
+    are appended and, like the canvas features, start silent (adaLN-Zero), so training continues
+    from the same predictions."""
+    try:
+        start = DiffusionTransformer.from_pretrained(directory)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise RecipeError(f"[model] init: {error}") from None
+    growable = {"depth": model.cfg.depth, "canvas_frequencies": model.cfg.canvas_frequencies}
+    grows = model.cfg.depth >= start.cfg.depth and start.cfg.canvas_frequencies in (0, model.cfg.canvas_frequencies)
+    if replace(start.cfg, **growable) != model.cfg or not grows:
+        raise RecipeError(f"[model] init {directory} is a {start.cfg}; the recipe's {model.cfg} can only add blocks or canvas positions")
+    model.load_state_dict(start.float().state_dict(), strict=False)
 
 
 def check_eval_prompts(prompts: list[str]):
@@ -124,6 +169,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     recipe = load_recipe(recipe_path, REQUIRED)
     check_eval_prompts(recipe["eval"]["prompts"])
     settings = recipe["train"]
+    reuse = settings.get("reuse", 1)
+    if not isinstance(reuse, int) or isinstance(reuse, bool) or reuse < 1:
+        raise RecipeError(f"[train] reuse must be a whole number of at least 1, not {reuse!r}")
     total_steps = steps or settings["steps"]
     minutes = minutes if minutes is not None else settings.get("minutes")
     rank, world_size = start_distributed()
@@ -147,12 +195,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         step, carried = state["step"], state["elapsed_s"]
         if main_process:
             print(f"resuming from step {step} ({carried / 60:.1f} min so far)")
-    elif recipe["model"].get("init"):  # continue from exported weights (EMA, bf16): a fresh optimizer, same model
-        start = DiffusionTransformer.from_pretrained(recipe["model"]["init"])
-        if start.cfg != model.cfg:
-            raise RecipeError(f"[model] init {recipe['model']['init']} is a {start.cfg}, not the recipe's {model.cfg}")
-        model.load_state_dict(start.float().state_dict())
-        ema.load_state_dict(start.state_dict())
+    elif recipe["model"].get("init"):  # continue from exported weights (EMA, bf16): a fresh optimizer
+        start_from(model, recipe["model"]["init"])
+        ema.load_state_dict(model.state_dict())
         if main_process:
             print(f"starting from the weights in {recipe['model']['init']}")
     torch.manual_seed(settings["seed"] * 1_000_003 + step * 64 + rank)  # a resumed run draws fresh noise
@@ -162,6 +207,12 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     schedule = FlowSchedule(**recipe.get("schedule", {}))
     to_latents = LatentBatches(autoencoder, TextEncoder.load(device), device)
     stream = iter(torch.utils.data.DataLoader(ShapesWorldDataset.from_recipe(recipe["data"], step), batch_size=None, num_workers=settings["workers"]))
+
+    def encoded_batch():
+        batch = next(stream)
+        return (*to_latents(batch), batch["bucket"])
+
+    pool = LatentPool(encoded_batch, reuse, seed=settings["seed"] * 1_000_003 + step * 64 + rank)
     band_losses = {i: [] for i in range(len(TIME_BUCKETS) - 1)}
 
     def checkpoint():
@@ -172,8 +223,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     bar = tqdm(total=total_steps, initial=step, desc="generator", dynamic_ncols=True, disable=not main_process)
     model.train()
     while (fraction := agreed(run_progress(step, total_steps, clock.elapsed, minutes), world_size, device)) < 1.0:
-        batch = next(stream)
-        latents, text, mask = to_latents(batch)
+        latents, text, mask, bucket = pool.next()
         lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -190,10 +240,10 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
             band_losses[min(int(time_value * 5), 4)].append(value)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", bucket=str(batch["bucket"]))
+        bar.set_postfix(loss=f"{loss.item():.4f}", bucket=str(bucket))
         if main_process and step % settings["log_every"] == 0:
             record = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr,
-                      "bucket": str(batch["bucket"]), "elapsed_s": round(clock.elapsed, 1)}
+                      "bucket": str(bucket), "elapsed_s": round(clock.elapsed, 1)}
             for band, values in band_losses.items():
                 if values:
                     record[f"loss_t{TIME_BUCKETS[band]:.1f}-{TIME_BUCKETS[band + 1]:.1f}"] = float(np.mean(values))
