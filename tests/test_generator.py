@@ -89,9 +89,12 @@ def test_canvas_positions_tell_tokens_where_the_edges_are():
     from kinetoscope.models.dit import canvas_features
 
     small, large = canvas_features((1, 2, 2), 4, "cpu"), canvas_features((1, 6, 6), 4, "cpu")
-    assert small.shape == (4, 16)
+    assert small.shape == (4, 25)
     # The small grid's cell (0, 0) and the large grid's cell (1, 1) are both centred at 1/4 of each side.
     torch.testing.assert_close(small[0], large[1 * 6 + 1])
+    clip = canvas_features((5, 2, 2), 4, "cpu").reshape(5, 2, 2, -1)
+    assert clip[0, 0, 0, 8] == 1 and not clip[1:, :, :, 8].any()  # the first latent step is flagged
+    assert not torch.allclose(clip[1, 0, 0], clip[2, 0, 0])
 
 
 def test_model_sizes_registry():

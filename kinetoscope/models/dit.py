@@ -33,7 +33,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     text_dim: int = 384
     rope_theta: float = 100.0
-    canvas_frequencies: int = 0  # Fourier features of each token's place as a fraction of the canvas; 0: none
+    canvas_frequencies: int = 0  # Fourier features of each token's place as fractions of the clip; 0: none
 
 
 MODEL_SIZES = {  # the shipped default is "small": what a 2-core CPU can train in an hour and run in real time
@@ -81,19 +81,31 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:  # x f
 
 
 def canvas_features(grid: tuple[int, int, int], frequencies: int, device) -> torch.Tensor:
-    """(N, 4 * frequencies): sin and cos of pi k u, k = 1..frequencies, for u the token centre's height
-    and width as fractions of the canvas. Rotary positions are relative, so without these a token
-    cannot tell how far it is from an edge, which Shapes World's bounces and in-canvas paths need;
-    fractions mean the same at every size, like the world's own coordinates."""
+    """(N, 6 * frequencies + 1): where each token sits in the clip, as fractions.
+
+    Rotary positions are relative, so without these a token cannot tell how far it is from an
+    edge (Shapes World's bounces and in-canvas paths need that) or whether it is the first latent
+    step, which the causal autoencoder encodes from one frame while later steps hold four. Height,
+    width and time are fractions u of the clip (time 0 for an image), given as sin and cos of
+    pi k u for k = 1..frequencies, so they mean the same at every size and duration; one more
+    feature flags the first step.
+    """
     t, h, w = grid
     k = torch.arange(1, frequencies + 1, device=device, dtype=torch.float32) * math.pi
 
-    def axis(length):  # (length, 2 * frequencies)
-        u = (torch.arange(length, device=device, dtype=torch.float32) + 0.5) / length
+    def fourier(u):  # (length,) -> (length, 2 * frequencies)
         return torch.cat([torch.sin(u[:, None] * k), torch.cos(u[:, None] * k)], dim=-1)
 
-    rows, cols = axis(h), axis(w)
-    return torch.cat([rows[None, :, None].expand(t, h, w, -1), cols[None, None, :].expand(t, h, w, -1)], dim=-1).reshape(t * h * w, -1)
+    def centres(length):
+        return (torch.arange(length, device=device, dtype=torch.float32) + 0.5) / length
+
+    steps = torch.arange(t, device=device, dtype=torch.float32)
+    times = torch.cat([fourier(steps / max(t - 1, 1)), (steps == 0).float()[:, None]], dim=-1)
+    rows, cols = fourier(centres(h)), fourier(centres(w))
+    return torch.cat(
+        [times[:, None, None].expand(t, h, w, -1), rows[None, :, None].expand(t, h, w, -1), cols[None, None, :].expand(t, h, w, -1)],
+        dim=-1,
+    ).reshape(t * h * w, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +192,7 @@ class DiffusionTransformer(nn.Module):
         d = cfg.dim
         patch_dim = cfg.latent_channels * math.prod(cfg.patch)
         self.patch_in = nn.Linear(patch_dim, d)
-        self.canvas_in = nn.Linear(4 * cfg.canvas_frequencies, d) if cfg.canvas_frequencies else None
+        self.canvas_in = nn.Linear(6 * cfg.canvas_frequencies + 1, d) if cfg.canvas_frequencies else None
         self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
         self.text_pool = nn.Linear(cfg.text_dim, d)

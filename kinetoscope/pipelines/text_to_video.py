@@ -112,7 +112,8 @@ class TextToVideo:
         velocity = self.guided_velocity(text, mask, guidance)
         tokens = int(np.prod(latent_shape[1:])) // int(np.prod(self.transformer.cfg.patch))
         times = self.schedule.sampling_times(steps, tokens, device=self.device)
-        latents = SAMPLERS[sampler](velocity, noise, times, on_step)
+        with autocast_for(self.device):  # one context for every step, so the weights are cast to bf16 once
+            latents = SAMPLERS[sampler](velocity, noise, times, on_step)
         timings["denoise"] = self._clock() - start
 
         start = self._clock()
