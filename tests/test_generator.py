@@ -8,7 +8,7 @@ import torch
 
 from kinetoscope.cli import main
 from kinetoscope.data.dataset import DEFAULT_BUCKETS, Bucket, ShapesWorldDataset
-from kinetoscope.diffusion.rectified_flow import FlowSchedule, euler_sample, heun_sample, shift_time
+from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, euler_sample, heun_sample, shift_time, stochastic_sample
 from kinetoscope.media.video import video_info
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from kinetoscope.models.dit import MODEL_SIZES, DiffusionTransformer, config_for
@@ -141,6 +141,37 @@ def test_samplers_integrate_a_straight_path_exactly():
     times = FlowSchedule().sampling_times(7, tokens=320)
     for sampler in (euler_sample, heun_sample):
         torch.testing.assert_close(sampler(lambda x, t: noise - x0, noise, times), x0)
+
+
+def test_every_sampler_lands_on_a_single_clean_sample():
+    # The exact velocity when all data is one point x0: every sampler must end exactly there.
+    x0, noise = torch.randn(3, 4), torch.randn(3, 4)
+    times = FlowSchedule().sampling_times(7, tokens=320)
+    for name, sampler in SAMPLERS.items():
+        out = sampler(lambda x, t: (x - x0) / t[:, None], noise, times, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out, x0, msg=name)
+
+
+def test_the_stochastic_sampler_is_euler_without_churn_and_seeded_with_it():
+    def curved(x, t):
+        return torch.sin(3 * x) + t[:, None]
+
+    noise, times = torch.randn(2, 5), torch.linspace(1.0, 0.0, 6)
+    torch.testing.assert_close(stochastic_sample(curved, noise, times, churn=0.0), euler_sample(curved, noise, times))
+
+    def run(seed):
+        return stochastic_sample(curved, noise, times, generator=torch.Generator().manual_seed(seed))
+
+    torch.testing.assert_close(run(1), run(1))
+    assert not torch.allclose(run(1), run(2))
+    assert not torch.allclose(run(1), euler_sample(curved, noise, times))
+
+
+def test_the_cli_offers_every_sampler():
+    from kinetoscope.cli import build_parser
+
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    assert set(next(a for a in generate._actions if a.dest == "sampler").choices) == set(SAMPLERS)
 
 
 def test_heun_is_second_order_on_a_curved_path():

@@ -5,7 +5,9 @@
 Training draws t from a logit-normal (most weight mid-way, where the path is hardest to guess)
 and shifts it towards noise as the token count grows: a bigger video keeps more of its structure
 at a given noise level, so it needs more time at high noise (SD3's resolution-dependent shift).
-Sampling integrates dx/dt = v from t=1 to t=0 with Euler or Heun over the same shifted times.
+Sampling integrates dx/dt = v from t=1 to t=0 with Euler or Heun over the same shifted times, or
+takes stochastic steps that renew part of the noise at every step (the rectified-flow form of
+ancestral sampling), which forgets rather than compounds an imperfect model's early errors.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def euler_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None) -> torch.Tensor:
+def euler_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None, generator=None) -> torch.Tensor:
     x = noise
     for i in range(len(times) - 1):
         t, t_next = times[i], times[i + 1]
@@ -61,7 +63,7 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor,
     return x
 
 
-def heun_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None) -> torch.Tensor:
+def heun_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None, generator=None) -> torch.Tensor:
     """Second order: average the slopes at both ends of each step (Euler on the last, where t=0)."""
     x = noise
     for i in range(len(times) - 1):
@@ -78,4 +80,22 @@ def heun_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, 
     return x
 
 
-SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
+def stochastic_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None, generator=None,
+                      churn: float = 0.5) -> torch.Tensor:
+    """Predict the clean sample and the noise from v, then rebuild x at the next time from that
+    prediction with a `churn` share of the noise variance drawn afresh (from `generator`, so the
+    same seed still gives the same video). churn = 0 is Euler exactly."""
+    x = noise
+    for i in range(len(times) - 1):
+        t, t_next = times[i], times[i + 1]
+        v = velocity(x, t.expand(x.shape[0]))
+        clean, predicted_noise = x - t * v, x + (1 - t) * v
+        fresh = torch.randn(x.shape, generator=generator).to(x.device)
+        renewed = math.sqrt(1 - churn) * predicted_noise + math.sqrt(churn) * fresh
+        x = (1 - t_next) * clean + t_next * renewed
+        if on_step is not None:
+            on_step(i + 1, len(times) - 1)
+    return x
+
+
+SAMPLERS = {"euler": euler_sample, "heun": heun_sample, "stochastic": stochastic_sample}

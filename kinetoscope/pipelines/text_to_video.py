@@ -113,7 +113,7 @@ class TextToVideo:
         tokens = int(np.prod(latent_shape[1:])) // int(np.prod(self.transformer.cfg.patch))
         times = self.schedule.sampling_times(steps, tokens, device=self.device)
         with autocast_for(self.device):  # one context for every step, so the weights are cast to bf16 once
-            latents = SAMPLERS[sampler](velocity, noise, times, on_step)
+            latents = SAMPLERS[sampler](velocity, noise, times, on_step, generator=generator)
         timings["denoise"] = self._clock() - start
 
         start = self._clock()
