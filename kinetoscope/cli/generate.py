@@ -17,7 +17,7 @@ def register(subparsers):
     generate.add_argument("--seed", type=common.seed, default=0)
     generate.add_argument("--steps", type=common.positive_int, default=20)
     generate.add_argument("--guidance", type=common.finite_float, default=4.0)
-    generate.add_argument("--sampler", choices=("euler", "heun", "stochastic"), default="euler")  # rectified_flow.SAMPLERS, named here so --help needs no torch
+    generate.add_argument("--sampler", choices=("euler", "heun", "stochastic"), default="stochastic")  # rectified_flow.SAMPLERS, named here so --help needs no torch
     generate.add_argument("--weights", help="generator folder (default: the shipped model)")
     generate.set_defaults(handler=run_generate)
 

@@ -94,7 +94,7 @@ class TextToVideo:
 
     @torch.no_grad()
     def __call__(self, prompt: str, width: int = 128, height: int = 128, frames: int = 17, steps: int = 20,
-                 guidance: float = 4.0, seed: int = 0, sampler: str = "euler", on_step=None) -> GeneratedVideo:
+                 guidance: float = 4.0, seed: int = 0, sampler: str = "stochastic", on_step=None) -> GeneratedVideo:
         self.check_request(prompt, width, height, frames)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
