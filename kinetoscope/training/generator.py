@@ -200,7 +200,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         ema.load_state_dict(model.state_dict())
         if main_process:
             print(f"starting from the weights in {recipe['model']['init']}")
-    torch.manual_seed(settings["seed"] * 1_000_003 + step * 64 + rank)  # a resumed run draws fresh noise
+    process_seed = settings["seed"] * 1_000_003 + step * 64 + rank  # a resumed run draws fresh noise and batches
+    torch.manual_seed(process_seed)
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     clock = Stopwatch(carried)
@@ -212,7 +213,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         batch = next(stream)
         return (*to_latents(batch), batch["bucket"])
 
-    pool = LatentPool(encoded_batch, reuse, seed=settings["seed"] * 1_000_003 + step * 64 + rank)
+    pool = LatentPool(encoded_batch, reuse, seed=process_seed)
     band_losses = {i: [] for i in range(len(TIME_BUCKETS) - 1)}
 
     def checkpoint():
