@@ -112,9 +112,10 @@ def test_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x, t, text, mask), model(x, t, text, mask))
 
 
-def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(text_encoder):
+@pytest.mark.parametrize("self_condition", [False, True], ids=["plain", "self-conditioned"])
+def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(text_encoder, self_condition):
     torch.manual_seed(0)
-    model = DiffusionTransformer(config_for("tiny", latent_channels=8))
+    model = DiffusionTransformer(config_for("tiny", latent_channels=8, self_condition=self_condition))
     batch = ShapesWorldDataset().make_batch(np.random.default_rng(0), Bucket(32, 32, 5), 8)
     latents, text, mask = LatentBatches(VideoAutoencoder(TINY_AE), text_encoder, torch.device("cpu"))(batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -236,7 +237,7 @@ def test_steps_guidance_and_sampler_change_what_they_should(pipe, monkeypatch):
 
 
 def test_guidance_extrapolates_from_the_empty_prompt_through_the_prompt(pipe, monkeypatch):
-    def fake_velocity(x, t, text, mask):  # 3 where the prompt is seen, 1 for the empty prompt
+    def fake_velocity(x, t, text, mask, clean_estimate=None):  # 3 where the prompt is seen, 1 for the empty prompt
         has_prompt = mask[:, 1:].any(1).float().view(-1, 1, 1, 1, 1)
         return torch.ones_like(x) * (1 + 2 * has_prompt)
 
@@ -366,3 +367,36 @@ def test_the_shipped_model_generates_what_the_readme_promises(tmp_path):
     dark = (pixels.max(1) < 40).mean()
     red = ((pixels[:, 0] > 150) & (pixels[:, 1] < 90) & (pixels[:, 2] < 90)).mean()
     assert dark > 0.8 and red > 0.001  # a black background with something red on it
+
+
+def test_self_conditioning_refines_the_estimate_of_the_previous_step(text_encoder, monkeypatch):
+    torch.manual_seed(0)
+    transformer = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=1, self_condition=True)).eval()
+    pipe = TextToVideo(transformer, VideoAutoencoder(TINY_AE), text_encoder)
+    seen = []  # (x, t, clean estimate) of every call, and the guided velocity it led to
+
+    def fake_velocity(x, t, text, mask, clean_estimate=None):
+        v = x * (0.5 + t.view(-1, 1, 1, 1, 1)) + mask[:, 1:].any(1).float().view(-1, 1, 1, 1, 1)
+        seen.append((x[:1].clone(), t[:1].clone(), clean_estimate))
+        return v
+
+    monkeypatch.setattr(pipe.transformer, "forward", fake_velocity)
+    pipe("a red circle", width=32, height=32, frames=1, steps=3, guidance=3.0, sampler="euler")
+    assert seen[0][2] is None  # nothing to refine at the first step
+    for (x, t, _), (_, _, estimate) in zip(seen, seen[1:]):
+        guided = x * (0.5 + t) + 3.0  # unconditional x(0.5+t), plus 3 times the prompt's +1
+        assert estimate.shape[0] == 2  # the same estimate for the conditional and unconditional halves
+        torch.testing.assert_close(estimate, (x - t * guided).repeat(2, 1, 1, 1, 1))
+
+
+def test_only_a_self_conditioned_transformer_takes_an_estimate():
+    x, t, text, mask = torch.randn(1, 8, 2, 2, 2), torch.rand(1), torch.randn(1, 4, 384), torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="self-conditioning"):
+        tiny_transformer()(x, t, text, mask, torch.zeros_like(x))
+    torch.manual_seed(0)
+    model = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=1, self_condition=True)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    with torch.no_grad():  # no estimate means zeros; another estimate changes the prediction
+        torch.testing.assert_close(model(x, t, text, mask), model(x, t, text, mask, torch.zeros_like(x)))
+        assert not torch.allclose(model(x, t, text, mask), model(x, t, text, mask, torch.randn_like(x)))

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,24 @@ def test_recipes_are_checked_before_training(tmp_path):
             train(str(reused), output=str(tmp_path / "run"))
 
 
+def test_a_recipe_extends_another_and_states_only_what_changes(tmp_path):
+    (tmp_path / "base.toml").write_text(TINY_RECIPE)
+    (tmp_path / "more.toml").write_text('extends = "base.toml"\n[train]\nsteps = 7\n[model]\ninit = "runs/x"\n')
+    recipe = load_recipe(tmp_path / "more.toml", REQUIRED)
+    base = load_recipe(tmp_path / "base.toml")
+    assert recipe["train"] == {**base["train"], "steps": 7}
+    assert recipe["model"] == {**base["model"], "init": "runs/x"} and recipe["data"] == base["data"]
+    (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(RecipeError, match="extends itself"):
+        load_recipe(tmp_path / "loop.toml")
+    (tmp_path / "orphan.toml").write_text('extends = "gone.toml"\n')
+    with pytest.raises(RecipeError, match="no recipe"):
+        load_recipe(tmp_path / "orphan.toml")
+    # The shipped stage-3 recipe is stage 2 plus self-conditioning.
+    stage3 = load_recipe(Path(__file__).parent.parent / "configs" / "generator_stage3.toml", REQUIRED)
+    assert stage3["model"]["overrides"]["self_condition"] and stage3["data"]["buckets"]
+
+
 def test_latent_pool_serves_each_batch_about_reuse_times():
     made = []
 
@@ -173,11 +192,14 @@ def test_a_grown_transformer_starts_from_the_same_predictions(tmp_path):
     for p in small.parameters():  # open the adaLN-Zero gates so the outputs mean something
         torch.nn.init.normal_(p, std=0.05)
     small.save_pretrained(tmp_path / "small")
-    grown = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=4, canvas_frequencies=6))
+    grown = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=4, canvas_frequencies=6, self_condition=True))
     start_from(grown, str(tmp_path / "small"))
     x, t, text, mask = torch.randn(2, 8, 2, 4, 6), torch.rand(2), torch.randn(2, 3, 384), torch.ones(2, 3, dtype=torch.bool)
     with torch.no_grad():
-        torch.testing.assert_close(grown(x, t, text, mask), small(x, t, text, mask))
+        torch.testing.assert_close(grown(x, t, text, mask, torch.randn_like(x)), small(x, t, text, mask))
+    grown.save_pretrained(tmp_path / "grown")
+    with pytest.raises(RecipeError, match="can only add"):  # self-conditioning cannot be taken away
+        start_from(DiffusionTransformer(config_for("tiny", latent_channels=8, depth=4, canvas_frequencies=6)), str(tmp_path / "grown"))
     with pytest.raises(RecipeError, match="can only add"):
         start_from(DiffusionTransformer(config_for("tiny", latent_channels=8, depth=1)), str(tmp_path / "small"))
 

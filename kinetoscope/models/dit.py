@@ -7,6 +7,12 @@ cross-attention to the text tokens, MLP. Self-attention and MLP are modulated an
 adaLN-Zero from the timestep (and the pooled prompt); cross-attention's output projection starts
 at zero, so every block starts as the identity.
 
+Self-conditioning (Chen et al., "Analog Bits", 2022): a model with `self_condition` also takes an
+estimate of the clean latents, its own prediction from the previous sampling step (zeros at the
+first). At high noise a small model otherwise re-decides the layout at every step, and the
+decisions of successive steps can disagree (one object drawn twice, parts drifting apart); seeing
+its last estimate lets it refine one layout instead.
+
 Shapes: latents (B, C, T, H, W); text (B, L, D_text) with mask (B, L); tokens (B, N, D).
 """
 
@@ -34,6 +40,7 @@ class DiTConfig:
     text_dim: int = 384
     rope_theta: float = 100.0
     canvas_frequencies: int = 0  # Fourier features of each token's place as fractions of the clip; 0: none
+    self_condition: bool = False  # also sees its own previous estimate of the clean latents
 
 
 MODEL_SIZES = {  # the shipped default is "small": what a 2-core CPU can train in an hour and run in real time
@@ -193,6 +200,7 @@ class DiffusionTransformer(nn.Module):
         patch_dim = cfg.latent_channels * math.prod(cfg.patch)
         self.patch_in = nn.Linear(patch_dim, d)
         self.canvas_in = nn.Linear(6 * cfg.canvas_frequencies + 1, d) if cfg.canvas_frequencies else None
+        self.estimate_in = nn.Linear(patch_dim, d) if cfg.self_condition else None
         self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
         self.text_pool = nn.Linear(cfg.text_dim, d)
@@ -217,24 +225,39 @@ class DiffusionTransformer(nn.Module):
         nn.init.zeros_(self.adaLN_out.bias)
         nn.init.zeros_(self.patch_out.weight)
         nn.init.zeros_(self.patch_out.bias)
-        if self.canvas_in is not None:  # starts silent, so weights trained without it keep working
-            nn.init.zeros_(self.canvas_in.weight)
+        for extra_input in (self.canvas_in, self.estimate_in):  # start silent, so weights trained without them keep working
+            if extra_input is not None:
+                nn.init.zeros_(extra_input.weight)
 
     def check_latent_shape(self, t: int, h: int, w: int):
         pt, ph, pw = self.cfg.patch
         if t % pt or h % ph or w % pw:
             raise ValueError(f"latent grid {t}x{h}x{w} is not divisible by the patch {pt}x{ph}x{pw}")
 
-    def forward(self, latents, t, text, text_mask):
-        """latents (B, C, T, H, W), t (B,) in [0, 1], text (B, L, text_dim), text_mask (B, L) -> velocity like latents."""
+    def patchify(self, latents):
+        """(B, C, T, H, W) -> (B, N, C*pt*ph*pw), tokens in (t, h, w) row-major order, and the token grid."""
         b, c, lt, lh, lw = latents.shape
         self.check_latent_shape(lt, lh, lw)
         pt, ph, pw = self.cfg.patch
         grid = (lt // pt, lh // ph, lw // pw)
-        # (B, C, T, H, W) -> (B, N, C*pt*ph*pw), tokens in (t, h, w) row-major order
         x = latents.reshape(b, c, grid[0], pt, grid[1], ph, grid[2], pw)
-        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, math.prod(grid), -1)
-        x = self.patch_in(x)
+        return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, math.prod(grid), -1), grid
+
+    def forward(self, latents, t, text, text_mask, clean_estimate=None):
+        """latents (B, C, T, H, W), t (B,) in [0, 1], text (B, L, text_dim), text_mask (B, L) -> velocity like latents.
+
+        clean_estimate (like latents): the model's previous prediction of the clean latents, for a
+        self-conditioned model; None means no estimate yet (zeros). Other models refuse one.
+        """
+        b, c, lt, lh, lw = latents.shape
+        pt, ph, pw = self.cfg.patch
+        patches, grid = self.patchify(latents)
+        x = self.patch_in(patches)
+        if self.estimate_in is not None:
+            estimate = clean_estimate if clean_estimate is not None else torch.zeros_like(latents)
+            x = x + self.estimate_in(self.patchify(estimate.to(latents.dtype))[0])
+        elif clean_estimate is not None:
+            raise ValueError("this model was not trained with self-conditioning; it takes no clean estimate")
         if self.canvas_in is not None:
             x = x + self.canvas_in(canvas_features(grid, self.cfg.canvas_frequencies, latents.device))
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)

@@ -130,20 +130,31 @@ class TextToVideo:
         return time.perf_counter()
 
     def guided_velocity(self, text, mask, guidance: float):
-        """Classifier-free guidance: v = v_uncond + g (v_cond - v_uncond), both in one batch."""
+        """Classifier-free guidance: v = v_uncond + g (v_cond - v_uncond), both in one batch.
+
+        A self-conditioned transformer also gets the clean latents implied by the previous call's
+        guided velocity (none at the first), the estimate it was trained to refine.
+        """
         if guidance == 1.0:
-            def velocity(x, t):
-                with autocast_for(self.device):
-                    return self.transformer(x, t, text, mask).float()
-            return velocity
-        both_text, both_mask = self.transformer.drop_text(
-            text.expand(2, -1, -1), mask.expand(2, -1), torch.tensor([False, True], device=self.device)
-        )
+            both_text, both_mask = text, mask
+        else:
+            both_text, both_mask = self.transformer.drop_text(
+                text.expand(2, -1, -1), mask.expand(2, -1), torch.tensor([False, True], device=self.device)
+            )
+        copies = both_text.shape[0]
+        self_conditioned = self.transformer.cfg.self_condition
+        estimate = None
 
         def velocity(x, t):
+            nonlocal estimate
+            previous = estimate.repeat(copies, 1, 1, 1, 1) if estimate is not None else None
             with autocast_for(self.device):
-                v = self.transformer(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask).float()
-            conditional, unconditional = v.chunk(2)
-            return unconditional + guidance * (conditional - unconditional)
+                v = self.transformer(x.repeat(copies, 1, 1, 1, 1), t.repeat(copies), both_text, both_mask, previous).float()
+            if copies == 2:
+                conditional, unconditional = v.chunk(2)
+                v = unconditional + guidance * (conditional - unconditional)
+            if self_conditioned:
+                estimate = x - t.view(-1, 1, 1, 1, 1) * v
+            return v
 
         return velocity

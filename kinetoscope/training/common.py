@@ -21,16 +21,34 @@ class RecipeError(ValueError):
     """A recipe that is missing, not TOML, or lacks a setting its trainer needs."""
 
 
-def load_recipe(path: str | Path, required: dict[str, tuple[str, ...]] | None = None) -> dict:
-    """Read a TOML recipe and check that every `required` table has its keys."""
+def load_recipe(path: str | Path, required: dict[str, tuple[str, ...]] | None = None, _extending: tuple = ()) -> dict:
+    """Read a TOML recipe and check that every `required` table has its keys.
+
+    A recipe that continues another names it with a top-level `extends = "other.toml"` (relative
+    to its own folder) and states only what changes: each of its tables updates the other's
+    table key by key (an inline table such as `overrides` is replaced whole).
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"no recipe at {path}")
+    if path.resolve() in _extending:
+        raise RecipeError(f"{path} extends itself through {' -> '.join(p.name for p in _extending)}")
     try:
         with path.open("rb") as f:
             recipe = tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise RecipeError(f"{path} is not valid TOML: {error}") from None
+    if "extends" in recipe:
+        base_name = recipe.pop("extends")
+        if not isinstance(base_name, str):
+            raise RecipeError(f"{path}: extends must name a recipe file, not {base_name!r}")
+        base = load_recipe(path.parent / base_name, None, (*_extending, path.resolve()))
+        for table, settings in recipe.items():
+            if isinstance(settings, dict) and isinstance(base.get(table), dict):
+                base[table] = {**base[table], **settings}
+            else:
+                base[table] = settings
+        recipe = base
     for table, keys in (required or {}).items():
         if not isinstance(recipe.get(table), dict):
             raise RecipeError(f"{path} has no [{table}] table")
