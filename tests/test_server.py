@@ -2,6 +2,7 @@
 OpenAI's own Python client. The generator is the real pipeline with tiny random weights."""
 
 import contextlib
+import http.client
 import io
 import json
 import signal
@@ -127,6 +128,20 @@ def test_create_and_poll_then_download_gives_a_playable_mp4_of_the_asked_size(cl
     sheet = Image.open(io.BytesIO(client.videos.download_content(video.id, variant="spritesheet").content))
     assert (thumbnail.format, thumbnail.size) == ("WEBP", (48, 32))
     assert (sheet.format, sheet.size) == ("JPEG", (4 * 48, 3 * 32))  # 9 frames in rows of 4
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(server):
+    """The openai client reuses a connection idle for up to 5 s; the server must not close it first."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    sockets = []
+    for _ in range(2):
+        connection.request("GET", "/health")
+        response = connection.getresponse()  # RemoteDisconnected here if the server closed the idle connection
+        assert (response.status, response.read()) == (200, b'{"status":"ok"}')
+        sockets.append(connection.sock)
+        time.sleep(openai.DEFAULT_CONNECTION_LIMITS.keepalive_expiry + 1)
+    connection.close()
+    assert sockets[0] is sockets[1]  # one connection served both
 
 
 def test_unfinished_videos_say_when_to_poll_and_models_are_listed(client):

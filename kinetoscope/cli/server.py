@@ -78,6 +78,12 @@ def open_sessions(args):
         raise common.UsageError(f"cannot open the database: {str(error).splitlines()[0]}") from None
 
 
+# Idle keep-alive connections stay open longer than clients keep them (the openai client forgets
+# them after 5 s, which is also uvicorn's default), so a client never sends a request on a
+# connection that the server is closing at that moment, which it would see as a connection error.
+KEEP_ALIVE_SECONDS = 65
+
+
 def format_time(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
 
@@ -101,7 +107,8 @@ def run_serve(args) -> int:
     pipelines = [common.load_weights(lambda weights: TextToVideo.load(weights, args.device), args.weights)
                  for _ in range(args.workers)]
     open_sessions(args)  # a bad database is one line here, not a traceback from inside uvicorn
-    uvicorn.run(create_app(settings, pipelines), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(settings, pipelines), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_keep_alive=KEEP_ALIVE_SECONDS)
     return 0
 
 
