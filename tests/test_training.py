@@ -106,9 +106,9 @@ def test_a_recipe_extends_another_and_states_only_what_changes(tmp_path):
     (tmp_path / "orphan.toml").write_text('extends = "gone.toml"\n')
     with pytest.raises(RecipeError, match="no recipe"):
         load_recipe(tmp_path / "orphan.toml")
-    # The shipped stage-3 recipe is stage 2 plus self-conditioning.
-    stage3 = load_recipe(Path(__file__).parent.parent / "configs" / "generator_stage3.toml", REQUIRED)
-    assert stage3["model"]["overrides"]["self_condition"] and stage3["data"]["buckets"]
+    # The self-conditioning experiment is stage 2 plus self-conditioning.
+    experiment = load_recipe(Path(__file__).parent.parent / "configs" / "generator_self_condition.toml", REQUIRED)
+    assert experiment["model"]["overrides"]["self_condition"] and experiment["data"]["buckets"]
 
 
 def test_latent_pool_serves_each_batch_about_reuse_times():
