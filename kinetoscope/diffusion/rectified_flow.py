@@ -53,6 +53,11 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
+def predicted_clean(x_t: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean sample a velocity points to from x_t: x_0 = x_t - t v (t a scalar or (B,))."""
+    return x_t - t.reshape(-1, *([1] * (x_t.dim() - 1))) * velocity
+
+
 def euler_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None, generator=None) -> torch.Tensor:
     x = noise
     for i in range(len(times) - 1):
@@ -89,7 +94,7 @@ def stochastic_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Te
     for i in range(len(times) - 1):
         t, t_next = times[i], times[i + 1]
         v = velocity(x, t.expand(x.shape[0]))
-        clean, predicted_noise = x - t * v, x + (1 - t) * v
+        clean, predicted_noise = predicted_clean(x, v, t), x + (1 - t) * v
         fresh = torch.randn(x.shape, generator=generator).to(x.device)
         renewed = math.sqrt(1 - churn) * predicted_noise + math.sqrt(churn) * fresh
         x = (1 - t_next) * clean + t_next * renewed

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kinetoscope.data.dataset import tensor_to_clip
-from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule
+from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, predicted_clean
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer
 from kinetoscope.models.precision import autocast_for
@@ -147,14 +147,14 @@ class TextToVideo:
 
         def velocity(x, t):
             nonlocal estimate
-            previous = estimate.repeat(copies, 1, 1, 1, 1) if estimate is not None else None
+            previous = estimate.expand(copies, -1, -1, -1, -1) if estimate is not None else None
             with autocast_for(self.device):
-                v = self.transformer(x.repeat(copies, 1, 1, 1, 1), t.repeat(copies), both_text, both_mask, previous).float()
+                v = self.transformer(x.expand(copies, -1, -1, -1, -1), t.expand(copies), both_text, both_mask, previous).float()
             if copies == 2:
                 conditional, unconditional = v.chunk(2)
                 v = unconditional + guidance * (conditional - unconditional)
             if self_conditioned:
-                estimate = x - t.view(-1, 1, 1, 1, 1) * v
+                estimate = predicted_clean(x, v, t)
             return v
 
         return velocity

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from kinetoscope.data.captions import PromptError, parse_prompt
 from kinetoscope.data.dataset import ShapesWorldDataset
-from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, velocity_target
+from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, predicted_clean, velocity_target
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.precision import autocast_for
@@ -127,8 +127,7 @@ def own_estimate(model, noisy, t, text, mask, generator=None):
     if not model_config(model).self_condition or torch.rand(1, generator=generator).item() >= SELF_CONDITION_SHARE:
         return None
     with torch.no_grad():
-        velocity = unwrap(model)(noisy, t, text, mask).float()
-    return noisy - t.view(-1, *([1] * (noisy.dim() - 1))) * velocity
+        return predicted_clean(noisy, unwrap(model)(noisy, t, text, mask).float(), t)
 
 
 def start_from(model: DiffusionTransformer, directory: str):
