@@ -206,6 +206,17 @@ def test_same_seed_same_video_other_seed_other_video(pipe):
     assert set(a.timings) == {"text", "denoise", "decode"}
 
 
+def test_a_compiled_transformer_computes_what_the_eager_one_does(text_encoder):
+    pipe = TextToVideo(tiny_transformer(), VideoAutoencoder(TINY_AE), text_encoder).compile()
+    assert pipe.denoiser is not pipe.transformer
+    text, mask = text_encoder.encode(["a red circle moves left"])
+    x, t = torch.randn(1, 8, 2, 4, 4), torch.tensor([0.7])
+    with torch.no_grad():  # float32: bf16 rounding would differ once operations are fused
+        assert torch.allclose(pipe.denoiser(x, t, text, mask), pipe.transformer(x, t, text, mask), atol=1e-4)
+    video = pipe("a red circle moves left", width=32, height=32, frames=5, steps=2, seed=3)
+    assert video.frames.shape == (5, 32, 32, 3)
+
+
 def count_calls(pipe, monkeypatch):
     calls = []
     forward = pipe.transformer.forward
@@ -317,6 +328,23 @@ def test_generate_cli_bad_inputs_exit_2_with_one_line(weights_dir, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_cli_reports_every_figure_the_issue_asks_for(weights_dir, capsys):
+    assert main(["bench", "--weights", str(weights_dir), "--size", "32x32", "--steps", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for figure in ("seconds per clip:", "text", "denoise", "decode", "real-time factor:", "of the bf16 matmul rate", "peak memory:"):
+        assert figure in out
+
+
+def test_bench_cli_compile_without_a_working_compiler_is_one_line(weights_dir, capsys, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(inductor, "force_disable_caches", True)
+    code = main(["bench", "--weights", str(weights_dir), "--size", "32x32", "--steps", "1", "--repeats", "1", "--compile"])
+    err = capsys.readouterr().err
+    assert code == 2 and "run without --compile" in err and len(err.strip().splitlines()) == 1
 
 
 def test_generate_cli_missing_checkpoint(tmp_path, capsys):

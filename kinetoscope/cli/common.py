@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -115,3 +116,15 @@ def load_weights(loader, weights: str | None):
         where = weights or "the shipped weights"
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"cannot load {where}: {message}") from None
+
+
+@contextmanager
+def compiler_failure_as_usage_error():
+    """`--compile` on a machine where inductor cannot build (no C++ compiler, say): one line, not a traceback."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    try:
+        yield
+    except BackendCompilerFailed as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"torch.compile could not compile the transformer ({reason}); run without --compile") from None

@@ -40,6 +40,7 @@ def register(subparsers):
     bench.add_argument("--guidance", type=common.finite_float, default=4.0)
     bench.add_argument("--repeats", type=common.positive_int, default=5)
     bench.add_argument("--weights", help="generator folder (default: the shipped model)")
+    bench.add_argument("--compile", action="store_true", help="time the transformer compiled by torch.compile (as `serve --compile` runs it)")
     bench.set_defaults(handler=run_bench)
 
 
@@ -128,7 +129,11 @@ def run_bench(args) -> int:
         pipe.check_request("bench", width, height, frames)
     except ValueError as error:
         raise common.UsageError(str(error)) from None
-    r = benchmark_generation(pipe, width, height, frames, args.steps, args.guidance, args.repeats)
+    if args.compile:
+        pipe.compile()
+    with common.compiler_failure_as_usage_error():
+        r = benchmark_generation(pipe, width, height, frames, args.steps, args.guidance, args.repeats)
+    print(f"transformer: {'compiled by torch.compile' if args.compile else 'eager (--compile to compare)'}")
     stages = ", ".join(f"{k} {v:.3f} s" for k, v in r["stages_s"].items())
     print(f"clip: {r['clip']}")
     print(f"seconds per clip: {r['total_s']:.3f} ({stages})")

@@ -27,6 +27,8 @@ def register(subparsers):
     serve.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     serve.add_argument("--steps", type=common.positive_int, default=20, help="sampling steps per video")
     serve.add_argument("--guidance", type=float, default=4.0)
+    serve.add_argument("--compile", action="store_true",
+                       help="compile the transformer with torch.compile at start-up (slower start, faster videos)")
     serve.add_argument("--default-size", type=common.parse_size, default=(128, 128), help="size when a request names none")
     serve.add_argument("--workers", type=common.positive_int, default=1, help="videos generated at once")
     serve.add_argument("--quota", type=common.positive_int, default=200, help="videos per day per key, unless the key has its own")
@@ -106,10 +108,24 @@ def run_serve(args) -> int:
     torch.set_num_threads(max(1, ((os.cpu_count() or 1) - 1) // args.workers))
     pipelines = [common.load_weights(lambda weights: TextToVideo.load(weights, args.device), args.weights)
                  for _ in range(args.workers)]
+    if args.compile:
+        warm_up_compiled(pipelines, settings)
     open_sessions(args)  # a bad database is one line here, not a traceback from inside uvicorn
     uvicorn.run(create_app(settings, pipelines), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_keep_alive=KEEP_ALIVE_SECONDS)
     return 0
+
+
+def warm_up_compiled(pipelines, settings):
+    """Compile every worker's transformer and take one sampling step at the default size and
+    duration, so the first request does not wait for the compiler (other sizes and durations
+    compile on their first request)."""
+    width, height = settings.default_size
+    for pipe in pipelines:
+        frames = pipe.frames_for(settings.default_seconds)
+        print(f"compiling the transformer for {width}x{height}, {frames} frames ...", flush=True)
+        with common.compiler_failure_as_usage_error():
+            pipe.compile()("warm-up", width=width, height=height, frames=frames, steps=1, guidance=settings.guidance)
 
 
 def run_keys_create(args) -> int:
