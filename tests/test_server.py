@@ -144,6 +144,17 @@ def test_an_idle_connection_outlives_the_clients_keep_alive(server):
     assert sockets[0] is sockets[1]  # one connection served both
 
 
+def test_a_server_started_with_compile_is_warm_for_its_default_size(tmp_path, weights_dir):
+    process = ServerProcess(tmp_path, weights_dir, "--steps", "2", "--default-size", "32x32", "--compile")
+    try:
+        assert "compiling the transformer for 32x32, 33 frames" in (tmp_path / f"server-{process.port}.log").read_text()
+        client = process.client(new_key(tmp_path, "compiled"))
+        video = client.videos.create_and_poll(prompt="a red circle moves to the right", poll_interval_ms=50)
+        assert (video.status, video.size, video.seconds) == ("completed", "32x32", "4")
+    finally:
+        process.stop()
+
+
 def test_unfinished_videos_say_when_to_poll_and_models_are_listed(client):
     response = client.videos.with_raw_response.create(prompt="a blue square", **SMALL)
     video = response.parse()
