@@ -97,6 +97,24 @@ def test_canvas_positions_tell_tokens_where_the_edges_are():
     assert not torch.allclose(clip[1, 0, 0], clip[2, 0, 0])
 
 
+def test_local_mixing_lets_a_token_hear_its_neighbours_and_only_them():
+    from kinetoscope.models.dit import DiTBlock
+
+    torch.manual_seed(0)
+    grid = (2, 4, 4)
+    x = torch.randn(1, 32, 128)
+    poked = x.clone()
+    poked[0, 1 * 16 + 1 * 4 + 1] += 1.0  # the token at (t, h, w) = (1, 1, 1)
+    for local_mixing in (False, True):
+        block = DiTBlock(config_for("tiny", local_mixing=local_mixing))
+        if local_mixing:
+            torch.nn.init.normal_(block.local_mix.weight, std=0.1)  # starts at zero, silent
+        with torch.no_grad():
+            changed = (block.feed_forward(poked, grid) - block.feed_forward(x, grid)).abs().sum(-1)[0].reshape(grid) > 0
+        assert changed[1, 1, 1] and not changed[1, 3, 3] and not changed[0, 1, 1]  # attention alone links latent steps
+        assert changed[1, 2, 2] == local_mixing  # a neighbour in the same step
+
+
 def test_model_sizes_registry():
     assert {"tiny", "small", "base"} <= set(MODEL_SIZES)
     with pytest.raises(ValueError, match="unknown model size"):
@@ -112,10 +130,10 @@ def test_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x, t, text, mask), model(x, t, text, mask))
 
 
-@pytest.mark.parametrize("self_condition", [False, True], ids=["plain", "self-conditioned"])
-def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(text_encoder, self_condition):
+@pytest.mark.parametrize("options", [{}, {"self_condition": True}, {"local_mixing": True}], ids=["plain", "self-conditioned", "local mixing"])
+def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(text_encoder, options):
     torch.manual_seed(0)
-    model = DiffusionTransformer(config_for("tiny", latent_channels=8, self_condition=self_condition))
+    model = DiffusionTransformer(config_for("tiny", latent_channels=8, **options))
     batch = ShapesWorldDataset().make_batch(np.random.default_rng(0), Bucket(32, 32, 5), 8)
     latents, text, mask = LatentBatches(VideoAutoencoder(TINY_AE), text_encoder, torch.device("cpu"))(batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)

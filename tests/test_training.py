@@ -111,6 +111,14 @@ def test_a_recipe_extends_another_and_states_only_what_changes(tmp_path):
     assert experiment["model"]["overrides"]["self_condition"] and experiment["data"]["buckets"]
 
 
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "configs").glob("generator*.toml")), ids=lambda p: p.stem)
+def test_every_generator_recipe_in_the_repository_describes_a_model(recipe):
+    from kinetoscope.models.dit import config_for
+
+    loaded = load_recipe(recipe, REQUIRED)
+    assert config_for(loaded["model"]["size"], **loaded["model"].get("overrides", {}))
+
+
 def test_latent_pool_serves_each_batch_about_reuse_times():
     made = []
 
@@ -192,14 +200,19 @@ def test_a_grown_transformer_starts_from_the_same_predictions(tmp_path):
     for p in small.parameters():  # open the adaLN-Zero gates so the outputs mean something
         torch.nn.init.normal_(p, std=0.05)
     small.save_pretrained(tmp_path / "small")
-    grown = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=4, canvas_frequencies=6, self_condition=True))
+    grown = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=4, canvas_frequencies=6, self_condition=True,
+                                            local_mixing=True))
     start_from(grown, str(tmp_path / "small"))
     x, t, text, mask = torch.randn(2, 8, 2, 4, 6), torch.rand(2), torch.randn(2, 3, 384), torch.ones(2, 3, dtype=torch.bool)
     with torch.no_grad():
         torch.testing.assert_close(grown(x, t, text, mask, torch.randn_like(x)), small(x, t, text, mask))
     grown.save_pretrained(tmp_path / "grown")
-    with pytest.raises(RecipeError, match="can only add"):  # self-conditioning cannot be taken away
-        start_from(DiffusionTransformer(config_for("tiny", latent_channels=8, depth=4, canvas_frequencies=6)), str(tmp_path / "grown"))
+    with pytest.raises(RecipeError, match="can only add"):  # self-conditioning and local mixing cannot be taken away
+        start_from(DiffusionTransformer(config_for("tiny", latent_channels=8, depth=4, canvas_frequencies=6, local_mixing=True)),
+                   str(tmp_path / "grown"))
+    with pytest.raises(RecipeError, match="can only add"):
+        start_from(DiffusionTransformer(config_for("tiny", latent_channels=8, depth=4, canvas_frequencies=6, self_condition=True)),
+                   str(tmp_path / "grown"))
     with pytest.raises(RecipeError, match="can only add"):
         start_from(DiffusionTransformer(config_for("tiny", latent_channels=8, depth=1)), str(tmp_path / "small"))
 

@@ -41,6 +41,7 @@ class DiTConfig:
     rope_theta: float = 100.0
     canvas_frequencies: int = 0  # Fourier features of each token's place as fractions of the clip; 0: none
     self_condition: bool = False  # also sees its own previous estimate of the clean latents
+    local_mixing: bool = False  # a depthwise 3x3 convolution over each step's token grid inside each MLP (SANA's Mix-FFN)
 
 
 MODEL_SIZES = {  # the shipped default is "small": what a 2-core CPU can train in an hour and run in real time
@@ -63,7 +64,7 @@ def config_for(size: str, **overrides) -> DiTConfig:
 
 
 def rope_frequencies(head_dim: int, grid: tuple[int, int, int], theta: float, device) -> torch.Tensor:
-    """Complex rotations (N, head_dim/2) for every cell of a (T, H, W) token grid, row-major."""
+    """Rotations (2, N, head_dim/2), their cosines then sines, for every cell of a (T, H, W) token grid, row-major."""
     pairs = head_dim // 2
     split = (pairs - 2 * (pairs // 3), pairs // 3, pairs // 3)  # time gets the remainder
     axes = []
@@ -79,12 +80,14 @@ def rope_frequencies(head_dim: int, grid: tuple[int, int, int], theta: float, de
         ],
         dim=-1,
     ).reshape(t * h * w, pairs)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()])
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:  # x float32 (B, heads, N, head_dim)
-    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotations).flatten(-2)
+    """Rotate each (even, odd) pair of features; real arithmetic rather than complex, which torch.compile cannot fuse."""
+    cos, sin = rotations
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, N, head_dim/2) each
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 
 
 def canvas_features(grid: tuple[int, int, int], frequencies: int, device) -> torch.Tensor:
@@ -177,13 +180,27 @@ class DiTBlock(nn.Module):
         self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         hidden = int(d * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+        self.local_mix = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if cfg.local_mixing else None
         self.adaLN = nn.Linear(d, 6 * d)  # shift/scale/gate for attention and MLP
 
-    def forward(self, x, cond, text, text_mask, rotations):
+    def forward(self, x, cond, text, text_mask, rotations, grid):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN(F.silu(cond)).chunk(6, dim=-1)
         x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), rotations)
         x = x + self.cross(self.norm2(x), text, text_mask)
-        return x + gate_m[:, None] * self.mlp(modulate(self.norm3(x), shift_m, scale_m))
+        return x + gate_m[:, None] * self.feed_forward(modulate(self.norm3(x), shift_m, scale_m), grid)
+
+    def feed_forward(self, x, grid):  # (B, N, D) -> (B, N, D)
+        hidden = self.mlp[1](self.mlp[0](x))  # (B, N, 4D)
+        if self.local_mix is not None:
+            # Each token also hears its 8 neighbours in the same latent step directly, so neighbouring
+            # tokens can agree on where an object's edge runs instead of deciding one by one.
+            b, n, c = hidden.shape
+            t, h, w = grid
+            cells = hidden.reshape(b * t, h, w, c).permute(0, 3, 1, 2)  # (B*T, 4D, H, W), channels-last in memory
+            with torch.autocast(hidden.device.type, enabled=False):  # depthwise convolutions have no fast bf16 path on CPUs
+                mixed = self.local_mix(cells.float().contiguous(memory_format=torch.channels_last))
+            hidden = hidden + mixed.permute(0, 2, 3, 1).reshape(b, n, c).to(hidden.dtype)
+        return self.mlp[2](hidden)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,9 +242,10 @@ class DiffusionTransformer(nn.Module):
         nn.init.zeros_(self.adaLN_out.bias)
         nn.init.zeros_(self.patch_out.weight)
         nn.init.zeros_(self.patch_out.bias)
-        for extra_input in (self.canvas_in, self.estimate_in):  # start silent, so weights trained without them keep working
-            if extra_input is not None:
+        for extra_input in (self.canvas_in, self.estimate_in, *(block.local_mix for block in self.blocks)):
+            if extra_input is not None:  # start silent, so weights trained without them keep working
                 nn.init.zeros_(extra_input.weight)
+                nn.init.zeros_(extra_input.bias)
 
     def check_latent_shape(self, t: int, h: int, w: int):
         pt, ph, pw = self.cfg.patch
@@ -265,7 +283,7 @@ class DiffusionTransformer(nn.Module):
         context = self.text_in(text)
         rotations = rope_frequencies(self.cfg.dim // self.cfg.heads, grid, self.cfg.rope_theta, latents.device)
         for block in self.blocks:
-            x = block(x, cond, context, text_mask, rotations)
+            x = block(x, cond, context, text_mask, rotations, grid)
         shift, scale = self.adaLN_out(F.silu(cond)).chunk(2, dim=-1)
         x = self.patch_out(modulate(self.norm_out(x), shift, scale))  # (B, N, C*pt*ph*pw)
         x = x.reshape(b, *grid, c, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)

@@ -131,19 +131,21 @@ def own_estimate(model, noisy, t, text, mask, generator=None):
 
 
 def start_from(model: DiffusionTransformer, directory: str):
-    """Load exported weights into `model`, which may be deeper, add canvas positions or add
-    self-conditioning: new blocks are appended and, like the new inputs, start silent
-    (adaLN-Zero, zero projections), so training continues from the same predictions."""
+    """Load exported weights into `model`, which may be deeper, add canvas positions, add
+    self-conditioning or add local mixing: new blocks are appended and, like the new inputs and
+    convolutions, start silent (adaLN-Zero, zero weights), so training continues from the same
+    predictions."""
     try:
         start = DiffusionTransformer.from_pretrained(directory)
     except (OSError, ValueError, RuntimeError) as error:
         raise RecipeError(f"[model] init: {error}") from None
-    growable = {"depth": model.cfg.depth, "canvas_frequencies": model.cfg.canvas_frequencies, "self_condition": model.cfg.self_condition}
+    growable = {"depth": model.cfg.depth, "canvas_frequencies": model.cfg.canvas_frequencies,
+                "self_condition": model.cfg.self_condition, "local_mixing": model.cfg.local_mixing}
     grows = (model.cfg.depth >= start.cfg.depth and start.cfg.canvas_frequencies in (0, model.cfg.canvas_frequencies)
-             and start.cfg.self_condition <= model.cfg.self_condition)
+             and start.cfg.self_condition <= model.cfg.self_condition and start.cfg.local_mixing <= model.cfg.local_mixing)
     if replace(start.cfg, **growable) != model.cfg or not grows:
         raise RecipeError(f"[model] init {directory} is a {start.cfg}; the recipe's {model.cfg} can only add blocks, "
-                          "canvas positions or self-conditioning")
+                          "canvas positions, self-conditioning or local mixing")
     model.load_state_dict(start.float().state_dict(), strict=False)
 
 
