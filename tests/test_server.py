@@ -144,15 +144,23 @@ def test_an_idle_connection_outlives_the_clients_keep_alive(server):
     assert sockets[0] is sockets[1]  # one connection served both
 
 
-def test_a_server_started_with_compile_is_warm_for_its_default_size(tmp_path, weights_dir):
+def test_a_server_started_with_compile_is_warm_for_its_default_size(tmp_path, weights_dir, monkeypatch):
+    monkeypatch.setenv("TORCH_LOGS", "recompiles")  # torch logs every compile after the first
     process = ServerProcess(tmp_path, weights_dir, "--steps", "2", "--default-size", "32x32", "--compile")
+    log = tmp_path / f"server-{process.port}.log"
     try:
-        assert "compiling the transformer for 32x32, 33 frames" in (tmp_path / f"server-{process.port}.log").read_text()
+        assert "compiling the transformer for 32x32, 33 frames" in log.read_text()
         client = process.client(new_key(tmp_path, "compiled"))
         video = client.videos.create_and_poll(prompt="a red circle moves to the right", poll_interval_ms=50)
         assert (video.status, video.size, video.seconds) == ("completed", "32x32", "4")
     finally:
         process.stop()
+    assert "Recompiling" not in log.read_text()  # the request ran on what start-up compiled
+
+
+def test_a_default_size_the_model_cannot_make_is_refused_at_start(tmp_path, weights_dir, capsys):
+    assert main(["serve", "--data", str(tmp_path), "--weights", str(weights_dir), "--default-size", "36x36"]) == 2
+    assert "--default-size" in capsys.readouterr().err
 
 
 def test_unfinished_videos_say_when_to_poll_and_models_are_listed(client):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from contextlib import contextmanager
+import warnings
 from pathlib import Path
 
 
@@ -118,13 +118,12 @@ def load_weights(loader, weights: str | None):
         raise UsageError(f"cannot load {where}: {message}") from None
 
 
-@contextmanager
-def compiler_failure_as_usage_error():
-    """`--compile` on a machine where inductor cannot build (no C++ compiler, say): one line, not a traceback."""
-    from torch._dynamo.exc import BackendCompilerFailed
 
-    try:
-        yield
-    except BackendCompilerFailed as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"torch.compile could not compile the transformer ({reason}); run without --compile") from None
+def compile_and_warm_up(pipe, width: int, height: int, frames: int, guidance: float):
+    """`--compile`: compile the transformer and take two sampling steps at this size and length, so
+    what follows does not wait for the compiler; a machine where it cannot compile gets one line."""
+    with warnings.catch_warnings():  # the pipeline warns and goes on eagerly; here the user asked for compiling
+        warnings.simplefilter("ignore")
+        pipe.compile()("warm-up", width=width, height=height, frames=frames, steps=2, guidance=guidance)
+    if pipe.compile_failure:
+        raise UsageError(f"torch.compile could not compile the transformer ({pipe.compile_failure}); run without --compile")

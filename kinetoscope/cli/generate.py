@@ -130,9 +130,8 @@ def run_bench(args) -> int:
     except ValueError as error:
         raise common.UsageError(str(error)) from None
     if args.compile:
-        pipe.compile()
-    with common.compiler_failure_as_usage_error():
-        r = benchmark_generation(pipe, width, height, frames, args.steps, args.guidance, args.repeats)
+        common.compile_and_warm_up(pipe, width, height, frames, args.guidance)
+    r = benchmark_generation(pipe, width, height, frames, args.steps, args.guidance, args.repeats)
     print(f"transformer: {'compiled by torch.compile' if args.compile else 'eager (--compile to compare)'}")
     stages = ", ".join(f"{k} {v:.3f} s" for k, v in r["stages_s"].items())
     print(f"clip: {r['clip']}")

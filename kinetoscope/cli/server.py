@@ -108,24 +108,20 @@ def run_serve(args) -> int:
     torch.set_num_threads(max(1, ((os.cpu_count() or 1) - 1) // args.workers))
     pipelines = [common.load_weights(lambda weights: TextToVideo.load(weights, args.device), args.weights)
                  for _ in range(args.workers)]
-    if args.compile:
-        warm_up_compiled(pipelines, settings)
+    width, height = settings.default_size
+    frames = pipelines[0].frames_for(settings.default_seconds)
+    try:
+        pipelines[0].check_request("a default request", width, height, frames)
+    except ValueError as error:
+        raise common.UsageError(f"--default-size: {error}") from None
     open_sessions(args)  # a bad database is one line here, not a traceback from inside uvicorn
+    if args.compile:  # compiled now, so the first request does not wait for the compiler
+        for pipe in pipelines:
+            print(f"compiling the transformer for {width}x{height}, {frames} frames ...", flush=True)
+            common.compile_and_warm_up(pipe, width, height, frames, settings.guidance)
     uvicorn.run(create_app(settings, pipelines), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_keep_alive=KEEP_ALIVE_SECONDS)
     return 0
-
-
-def warm_up_compiled(pipelines, settings):
-    """Compile every worker's transformer and take one sampling step at the default size and
-    duration, so the first request does not wait for the compiler (other sizes and durations
-    compile on their first request)."""
-    width, height = settings.default_size
-    for pipe in pipelines:
-        frames = pipe.frames_for(settings.default_seconds)
-        print(f"compiling the transformer for {width}x{height}, {frames} frames ...", flush=True)
-        with common.compiler_failure_as_usage_error():
-            pipe.compile()("warm-up", width=width, height=height, frames=frames, steps=1, guidance=settings.guidance)
 
 
 def run_keys_create(args) -> int:

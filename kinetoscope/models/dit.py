@@ -1,8 +1,8 @@
 """Diffusion transformer over spacetime latent patches, conditioned on text (DiT style).
 
 One model for every size, aspect ratio and duration, images included: the latent video is cut
-into patches of (pt, ph, pw) latent cells, positions enter only through 3D rotary embeddings in
-attention, so nothing is tied to one grid. Each block: self-attention over all spacetime tokens,
+into patches of (pt, ph, pw) latent cells, and positions enter through 3D rotary embeddings in
+attention (optionally also canvas features, fractions of the clip), so nothing is tied to one grid. Each block: self-attention over all spacetime tokens,
 cross-attention to the text tokens, MLP. Self-attention and MLP are modulated and gated by
 adaLN-Zero from the timestep (and the pooled prompt); cross-attention's output projection starts
 at zero, so every block starts as the identity.
@@ -12,6 +12,10 @@ estimate of the clean latents, its own prediction from the previous sampling ste
 first). At high noise a small model otherwise re-decides the layout at every step, and the
 decisions of successive steps can disagree (one object drawn twice, parts drifting apart); seeing
 its last estimate lets it refine one layout instead.
+
+Local mixing (SANA's Mix-FFN, Xie et al. 2024): a model with `local_mixing` adds a depthwise 3x3
+convolution over each latent step's token grid inside every MLP, so a token hears its neighbours
+directly rather than only through attention, and neighbouring tokens can agree on one object.
 
 Shapes: latents (B, C, T, H, W); text (B, L, D_text) with mask (B, L); tokens (B, N, D).
 """
@@ -190,15 +194,18 @@ class DiTBlock(nn.Module):
         return x + gate_m[:, None] * self.feed_forward(modulate(self.norm3(x), shift_m, scale_m), grid)
 
     def feed_forward(self, x, grid):  # (B, N, D) -> (B, N, D)
-        hidden = self.mlp[1](self.mlp[0](x))  # (B, N, 4D)
+        # self.mlp is taken apart rather than called whole; it stays one Sequential so that
+        # checkpoints from before local mixing keep their parameter names.
+        hidden = self.mlp[1](self.mlp[0](x))  # (B, N, hidden)
         if self.local_mix is not None:
             # Each token also hears its 8 neighbours in the same latent step directly, so neighbouring
             # tokens can agree on where an object's edge runs instead of deciding one by one.
             b, n, c = hidden.shape
             t, h, w = grid
-            cells = hidden.reshape(b * t, h, w, c).permute(0, 3, 1, 2)  # (B*T, 4D, H, W), channels-last in memory
-            with torch.autocast(hidden.device.type, enabled=False):  # depthwise convolutions have no fast bf16 path on CPUs
-                mixed = self.local_mix(cells.float().contiguous(memory_format=torch.channels_last))
+            cells = hidden.reshape(b * t, h, w, c).permute(0, 3, 1, 2)  # (B*T, hidden, H, W), channels-last in memory
+            # In the weights' precision, not autocast's: CPUs have no fast bf16 depthwise convolution.
+            with torch.autocast(hidden.device.type, enabled=False):
+                mixed = self.local_mix(cells.to(self.local_mix.weight.dtype).contiguous(memory_format=torch.channels_last))
             hidden = hidden + mixed.permute(0, 2, 3, 1).reshape(b, n, c).to(hidden.dtype)
         return self.mlp[2](hidden)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,13 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "generato
 MAX_PROMPT_CHARS = 1000
 MAX_SIDE = 512
 MAX_FRAMES = 129  # 16 s at 8 fps
+COMPILED_TEXT_MULTIPLE = 32  # prompt tokens padded to a multiple of this, so most prompts share one compiled graph
+
+
+def pad_tokens(text: torch.Tensor, mask: torch.Tensor, multiple: int):
+    """(B, L, D), (B, L) -> the same with L rounded up to a multiple, the new tokens masked out."""
+    extra = -text.shape[1] % multiple
+    return torch.nn.functional.pad(text, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra), value=False)
 
 
 @dataclass
@@ -48,6 +56,8 @@ class TextToVideo:
         self.device = torch.device(device)
         self.transformer = transformer.to(self.device).eval()
         self.denoiser = self.transformer  # what sampling calls: the transformer, or its compiled form
+        self.compile_failure: str | None = None  # why compiling failed, if it was asked for and did
+        self._compile_errors: tuple[type[Exception], ...] = ()  # what a failed compile raises; torch._dynamo loads slowly
         self.autoencoder = autoencoder.to(self.device).eval()
         self.text_encoder = text_encoder
         self.schedule = schedule
@@ -68,11 +78,16 @@ class TextToVideo:
     def compile(self) -> "TextToVideo":
         """Run the transformer through torch.compile from now on: faster at every step once warm.
 
-        The first generation at each new size compiles first: tens of seconds on a 2-core CPU, a few
-        once inductor's on-disk cache holds it. Worth it in long-lived processes (the server, the
-        benchmark), not for one clip from the command line.
+        The first generation at each new size and duration compiles first: tens of seconds on a
+        2-core CPU, a few once inductor's on-disk cache holds it; after torch's recompile limit (8
+        shapes) further new shapes run eagerly. Worth it in long-lived processes (the server, the
+        benchmark), not for one clip from the command line. Where compiling fails (no C++ compiler,
+        say), generation goes on eagerly and `compile_failure` says why.
         """
+        from torch._dynamo.exc import BackendCompilerFailed
+
         self.denoiser = torch.compile(self.transformer, dynamic=False)
+        self.compile_failure, self._compile_errors = None, (BackendCompilerFailed,)
         return self
 
     # -- what the model can make ----------------------------------------------------------------
@@ -114,17 +129,19 @@ class TextToVideo:
         timings = {}
         start = self._clock()
         text, mask = (v.to(self.device) for v in self.text_encoder.encode([prompt]))
+        if self.denoiser is not self.transformer:  # compiled graphs are specialised to one prompt length
+            text, mask = pad_tokens(text, mask, COMPILED_TEXT_MULTIPLE)
         timings["text"] = self._clock() - start
 
         start = self._clock()
         latent_shape = self.autoencoder.latent_shape(frames, height, width)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn((1, *latent_shape), generator=generator).to(self.device)
-        velocity = self.guided_velocity(text, mask, guidance)
-        tokens = int(np.prod(latent_shape[1:])) // int(np.prod(self.transformer.cfg.patch))
-        times = self.schedule.sampling_times(steps, tokens, device=self.device)
-        with autocast_for(self.device):  # one context for every step, so the weights are cast to bf16 once
-            latents = SAMPLERS[sampler](velocity, noise, times, on_step, generator=generator)
+        try:
+            latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step)
+        except self._compile_errors as error:
+            self.compile_failure = (str(error.inner_exception).strip().splitlines() or [type(error.inner_exception).__name__])[0]
+            warnings.warn(f"torch.compile failed ({self.compile_failure}); generating without it")
+            self.denoiser, self._compile_errors = self.transformer, ()
+            latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step)
         timings["denoise"] = self._clock() - start
 
         start = self._clock()
@@ -133,6 +150,16 @@ class TextToVideo:
         frames_out = tensor_to_clip(video[0])
         timings["decode"] = self._clock() - start
         return GeneratedVideo(frames_out, self.fps, seed, timings)
+
+    def denoise(self, text, mask, latent_shape, steps: int, guidance: float, seed: int, sampler: str, on_step=None):
+        """Seeded noise (1, *latent_shape) carried to clean latents by the sampler."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn((1, *latent_shape), generator=generator).to(self.device)
+        velocity = self.guided_velocity(text, mask, guidance)
+        tokens = int(np.prod(latent_shape[1:])) // int(np.prod(self.transformer.cfg.patch))
+        times = self.schedule.sampling_times(steps, tokens, device=self.device)
+        with autocast_for(self.device):  # one context for every step, so the weights are cast to bf16 once
+            return SAMPLERS[sampler](velocity, noise, times, on_step, generator=generator)
 
     def _clock(self) -> float:
         """Wall time once queued GPU work is done, so stage timings are honest on CUDA too."""
