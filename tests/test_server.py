@@ -430,3 +430,41 @@ def test_spritesheet_lays_frames_out_row_by_row():
     sheet = spritesheet(frames)
     assert sheet.shape == (4, 12, 3)
     assert sheet[0, ::3, 0].tolist() == [0, 1, 2, 3] and sheet[2, ::3, 0].tolist() == [4, 0, 0, 0]
+
+
+
+@pytest.mark.parametrize("a_loses_it_while", ["sampling", "saving"])
+def test_a_worker_that_lost_its_lease_to_another_never_removes_that_workers_video(tmp_path, weights_dir, a_loses_it_while):
+    """Worker A stalls past its lease (a long compile, say) and worker B claims the job again and
+    completes it; when A goes on, the completed video and its files must survive."""
+    from kinetoscope.pipelines.text_to_video import TextToVideo
+    from kinetoscope.server.jobs import JobRunner
+    from kinetoscope.server.settings import ServerSettings
+    from kinetoscope.server.storage import VideoStorage
+
+    sessions = db.open_database(db.database_url_for(tmp_path))
+    access.create_key(sessions, "artist")
+    pipe = TextToVideo.load(weights_dir)
+    storage = VideoStorage(tmp_path / "videos")
+    runner = JobRunner(sessions, ServerSettings(data_dir=tmp_path), [pipe], storage)
+    with db.transaction(sessions) as session:
+        session.add(db.Video(id="video_1", key_id=session.scalar(select(db.ApiKey.id)), status="queued", prompt="a red circle",
+                             model="kinetoscope-shapes", seconds="1", width=32, height=32, frames=9, seed=1, steps=2, guidance=4.0))
+
+    def worker_b_takes_over():
+        with db.transaction(sessions) as session:
+            session.execute(update(db.Video).values(lease_expires_at=db.now() - 1))
+        runner.run(pipe, *runner.claim())
+
+    def stalling_pipeline(*args, **kwargs):
+        if a_loses_it_while == "sampling":  # A's next progress report finds the lease gone
+            worker_b_takes_over()
+            return pipe(*args, **kwargs)
+        result = pipe(*args, **kwargs)  # A samples in time, then loses the lease before it saves
+        worker_b_takes_over()
+        return result
+
+    runner.run(stalling_pipeline, *runner.claim())
+    with db.transaction(sessions, write=False) as session:
+        assert session.scalar(select(db.Video.status)) == "completed"
+    assert all(storage.path("video_1", variant).is_file() for variant in ("video", "thumbnail", "spritesheet"))

@@ -141,12 +141,22 @@ class JobRunner:
             if self.stopping.is_set():
                 self.release(token)
             else:
-                self.storage.remove(video.id)
+                self.discard_if_deleted(video.id)
             return
         except Exception as error:
             log.exception("generating %s failed", video.id)
-            self.storage.remove(video.id)
-            self.finish(video, token, status="failed", error_code="generation_failed", error_message=str(error) or type(error).__name__)
+            if self.finish(video, token, status="failed", error_code="generation_failed",
+                           error_message=str(error) or type(error).__name__):
+                self.storage.remove(video.id)  # whatever part got written; the video is still ours alone
             return
         if not self.finish(video, token, status="completed", progress=100):
-            self.storage.remove(video.id)  # deleted while its files were being written
+            self.discard_if_deleted(video.id)
+
+    def discard_if_deleted(self, video_id: str) -> None:
+        """We lost the lease. If the video was deleted, its files are orphans; if another worker
+        claimed it again (ours ran out while we were slow, compiling say), the files are that
+        worker's (the same seeded frames), and removing them would lose a finished video."""
+        with db.transaction(self.sessions, write=False) as session:
+            exists = session.scalar(select(db.Video.seq).where(db.Video.id == video_id)) is not None
+        if not exists:
+            self.storage.remove(video_id)
