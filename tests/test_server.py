@@ -432,7 +432,6 @@ def test_spritesheet_lays_frames_out_row_by_row():
     assert sheet[0, ::3, 0].tolist() == [0, 1, 2, 3] and sheet[2, ::3, 0].tolist() == [4, 0, 0, 0]
 
 
-
 @pytest.mark.parametrize("a_loses_it_while", ["sampling", "saving"])
 def test_a_worker_that_lost_its_lease_to_another_never_removes_that_workers_video(tmp_path, weights_dir, a_loses_it_while):
     """Worker A stalls past its lease (a long compile, say) and worker B claims the job again and

@@ -118,7 +118,6 @@ def load_weights(loader, weights: str | None):
         raise UsageError(f"cannot load {where}: {message}") from None
 
 
-
 def compile_and_warm_up(pipe, width: int, height: int, frames: int, guidance: float):
     """`--compile`: compile the transformer and take two sampling steps at this size and length, so
     what follows does not wait for the compiler; a machine where it cannot compile gets one line."""

@@ -2,8 +2,8 @@
 
 One model for every size, aspect ratio and duration, images included: the latent video is cut
 into patches of (pt, ph, pw) latent cells, and positions enter through 3D rotary embeddings in
-attention (optionally also canvas features, fractions of the clip), so nothing is tied to one grid. Each block: self-attention over all spacetime tokens,
-cross-attention to the text tokens, MLP. Self-attention and MLP are modulated and gated by
+attention (optionally also canvas features, fractions of the clip), so nothing is tied to one
+grid. Each block: self-attention over all spacetime tokens, cross-attention to the text tokens, MLP. Self-attention and MLP are modulated and gated by
 adaLN-Zero from the timestep (and the pooled prompt); cross-attention's output projection starts
 at zero, so every block starts as the identity.
 
