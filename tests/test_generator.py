@@ -398,7 +398,7 @@ def test_generate_cli_missing_checkpoint(tmp_path, capsys):
     assert "no generator checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["garbage weights", "foreign weights", "broken config"])
+@pytest.mark.parametrize("damage", ["garbage weights", "foreign weights", "broken config", "another autoencoder"])
 def test_generate_cli_corrupt_checkpoint_is_one_line(weights_dir, tmp_path, capsys, damage):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -409,6 +409,8 @@ def test_generate_cli_corrupt_checkpoint_is_one_line(weights_dir, tmp_path, caps
         (broken / "model.safetensors").write_bytes(b"not a safetensors file at all")
     elif damage == "foreign weights":
         (broken / "config.json").write_text(json.dumps({"dim": 64, "depth": 1, "heads": 2, "latent_channels": 8}))
+    elif damage == "another autoencoder":  # no autoencoder named: the default one, of other latent channels
+        (broken / "pipeline.json").write_text(json.dumps({"fps": 8.0}))
     else:
         (broken / "config.json").write_text("{ not json")
     assert main(["generate", "a red circle", "-o", str(tmp_path / "x.mp4"), "--weights", str(broken)]) == 2

@@ -118,6 +118,8 @@ def test_every_generator_recipe_in_the_repository_describes_a_model(recipe):
     loaded = load_recipe(recipe, REQUIRED)
     model = DiffusionTransformer(config_for(loaded["model"]["size"], **loaded["model"].get("overrides", {})))
     assert sum(p.numel() for p in model.parameters()) < 20_000_000  # what this CPU trains, and the repository ships
+    if "autoencoder" in loaded["data"]:  # the latent space it trains in is in the repository
+        assert (Path(__file__).parent.parent / loaded["data"]["autoencoder"] / "config.json").is_file()
 
 
 def test_latent_pool_serves_each_batch_about_reuse_times():

@@ -53,6 +53,9 @@ class GeneratedVideo:
 class TextToVideo:
     def __init__(self, transformer: DiffusionTransformer, autoencoder: VideoAutoencoder, text_encoder: TextEncoder,
                  schedule: FlowSchedule = FlowSchedule(), fps: float = 8.0, device: str | torch.device = "cpu"):
+        if transformer.cfg.latent_channels != autoencoder.cfg.latent_channels:
+            raise ValueError(f"the transformer denoises {transformer.cfg.latent_channels} latent channels but the autoencoder "
+                             f"makes {autoencoder.cfg.latent_channels}: name the transformer's own autoencoder in pipeline.json")
         self.device = torch.device(device)
         self.transformer = transformer.to(self.device).eval()
         self.denoiser = self.transformer  # what sampling calls: the transformer, or its compiled form
