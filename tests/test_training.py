@@ -12,7 +12,8 @@ import torch
 from kinetoscope.cli import main
 from kinetoscope.pipelines.text_to_video import TextToVideo
 from kinetoscope.training.common import RecipeError, RunDirectory, load_recipe
-from kinetoscope.training.generator import REQUIRED, LatentPool, train
+from kinetoscope.training.common import BatchPool
+from kinetoscope.training.generator import REQUIRED, train
 
 TINY_RECIPE = """
 [model]
@@ -122,18 +123,18 @@ def test_every_generator_recipe_in_the_repository_describes_a_model(recipe):
         assert (Path(__file__).parent.parent / loaded["data"]["autoencoder"] / "config.json").is_file()
 
 
-def test_latent_pool_serves_each_batch_about_reuse_times():
+def test_batch_pool_serves_each_batch_about_reuse_times():
     made = []
 
     def make_batch():
         made.append(len(made))
         return made[-1]
 
-    once = LatentPool(make_batch, reuse=1, seed=0)
+    once = BatchPool(make_batch, reuse=1, seed=0)
     assert [once.next() for _ in range(5)] == [0, 1, 2, 3, 4]  # every batch once, in order
 
     made.clear()
-    pool = LatentPool(make_batch, reuse=4, seed=0)
+    pool = BatchPool(make_batch, reuse=4, seed=0)
     served = [pool.next() for _ in range(4000)]
     assert len(made) == 4 - 1 + 4000 // 4  # a few batches up front, then one per `reuse` steps
     uses = torch.bincount(torch.tensor(served))

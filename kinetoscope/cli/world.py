@@ -38,7 +38,8 @@ def run_sample(args) -> int:
     from tqdm import tqdm
 
     from kinetoscope.data import captions, world
-    from kinetoscope.media.video import save_contact_sheet, write_video
+    from kinetoscope.media.frames import save_contact_sheet
+    from kinetoscope.media.video import write_video
 
     width, height = args.size
     frames = max(1, round(args.seconds * args.fps) + 1)

@@ -1,4 +1,4 @@
-"""Reading and writing videos, plus contact sheets for looking at many clips at once.
+"""Reading and writing videos (PyAV for MP4/H.264, GIF and WebP; PIL for PNG).
 
 Frames are always numpy uint8 arrays shaped (T, H, W, 3), RGB. Writers choose the format by
 the file extension: .mp4 (H.264), .gif and .webp (looping previews) and .png (one frame).
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -17,7 +16,9 @@ from pathlib import Path
 import av
 import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace, Interpolation
-from PIL import Image, ImageDraw, ImageFont, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageSequence, UnidentifiedImageError
+
+from kinetoscope.media.frames import as_video_frames, atomic_output, evenly_spaced_indices
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
 WRITABLE_SUFFIXES = (*VIDEO_SUFFIXES, ".png")  # a .png is one still frame
@@ -25,11 +26,7 @@ MAX_CRF = 51  # libx264's worst quality for 8-bit video
 WEBP_QUALITY = 90  # lossy: generated frames are too noisy for lossless WebP to stay small
 STILL_IMAGE_FPS = 25.0  # what FFmpeg's image demuxers report, so every still image reads alike
 
-SEPARATOR_PX = 2
-LABEL_HEIGHT_PX = 16
-LABEL_PADDING_PX = 3
-SHEET_BACKGROUND = (24, 24, 24)
-LABEL_COLOR = (235, 235, 235)
+
 
 
 class VideoError(ValueError):
@@ -53,7 +50,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, quality
     with fewer frames; use .mp4 or .gif when the frame count matters.
     """
     path = Path(path)
-    frames = _as_video_frames(frames)
+    frames = as_video_frames(frames)
     rate = _as_rate(fps)
     suffix = path.suffix.lower()
     if suffix not in WRITABLE_SUFFIXES:
@@ -64,7 +61,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, quality
     if suffix == ".png" and len(frames) != 1:
         raise ValueError(f"cannot write {path}: a .png holds one frame, got {len(frames)}")
 
-    with _atomic_output(path) as temp:
+    with atomic_output(path) as temp:
         if suffix == ".mp4":
             _write_mp4(temp, frames, rate, quality)
         elif suffix == ".gif":
@@ -76,40 +73,12 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, quality
     return path
 
 
-def _as_video_frames(frames: np.ndarray) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
-        raise ValueError(
-            f"frames must be a non-empty uint8 array shaped (T, H, W, 3), "
-            f"got {frames.dtype} {frames.shape}"
-        )
-    return frames
-
-
 def _as_rate(fps: float) -> Fraction:
     if not (math.isfinite(fps) and fps > 0):
         raise ValueError(f"fps must be a positive number, got {fps}")
     # NTSC rates are n * 1000/1001, so a denominator up to 1001 turns 29.97002997 back into
     # exactly 30000/1001 while keeping plain rates like 12.5 exact.
     return Fraction(fps).limit_denominator(1001)
-
-
-@contextmanager
-def _atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` that replaces `path` only once fully written.
-
-    The sibling lives in the same directory so the final rename is atomic; a crash leaves at
-    most a hidden `.partial` file, never a truncated file under the final name.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    try:
-        yield temp
-        with open(temp, "rb") as written:
-            os.fsync(written.fileno())  # data on disk before the name points at it
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _write_mp4(temp: Path, frames: np.ndarray, rate: Fraction, crf: int) -> None:
@@ -169,7 +138,7 @@ def _indexed_frame(frame: np.ndarray, palette: Image.Image, argb: np.ndarray) ->
 
 def _shared_palette(frames: np.ndarray, max_sample_frames: int = 16) -> Image.Image:
     """A 256-colour palette for the whole clip, so colours don't shift between frames."""
-    sample = frames[_evenly_spaced_indices(len(frames), max_sample_frames)]
+    sample = frames[evenly_spaced_indices(len(frames), max_sample_frames)]
     return Image.fromarray(np.concatenate(list(sample), axis=0)).quantize(colors=256)
 
 
@@ -347,71 +316,3 @@ def _read_webp(path: Path, max_frames: int | None) -> tuple[list[np.ndarray], fl
 
 
 # ---------------------------------------------------------------------------------------------
-# Contact sheets
-
-
-def contact_sheet(
-    clips: Sequence[np.ndarray], labels: Sequence[str] | None = None, max_columns: int = 9
-) -> Image.Image:
-    """One row per clip of up to `max_columns` evenly spaced frames, first and last included.
-
-    Clips may differ in size and length. Rows and frames are split by thin separators; each
-    `labels` entry is written above its row, and the sheet widens to fit long labels.
-    """
-    if not clips:
-        raise ValueError("contact_sheet needs at least one clip")
-    if labels is not None and len(labels) != len(clips):
-        raise ValueError(f"got {len(labels)} labels for {len(clips)} clips")
-    if max_columns < 2:
-        raise ValueError(f"max_columns must be at least 2 (first and last), got {max_columns}")
-
-    rows = [_contact_row(_as_video_frames(clip), max_columns) for clip in clips]
-    font = ImageFont.load_default()
-    label_height = 0 if labels is None else LABEL_HEIGHT_PX
-    label_widths = [
-        math.ceil(font.getlength(label)) + 2 * LABEL_PADDING_PX for label in labels or []
-    ]
-    width = max([row.shape[1] for row in rows] + label_widths)
-    height = sum(label_height + row.shape[0] for row in rows) + SEPARATOR_PX * (len(rows) - 1)
-
-    sheet = Image.new("RGB", (width, height), SHEET_BACKGROUND)
-    draw = ImageDraw.Draw(sheet)
-    top = 0
-    for index, row in enumerate(rows):
-        if labels is not None:
-            draw.text((LABEL_PADDING_PX, top + 2), labels[index], fill=LABEL_COLOR, font=font)
-        top += label_height
-        sheet.paste(Image.fromarray(row), (0, top))
-        top += row.shape[0] + SEPARATOR_PX
-    return sheet
-
-
-def save_contact_sheet(
-    path: str | os.PathLike,
-    clips: Sequence[np.ndarray],
-    labels: Sequence[str] | None = None,
-    max_columns: int = 9,
-) -> Path:
-    """Write `contact_sheet(clips, labels, max_columns)` to `path` as a PNG; returns the path."""
-    path = Path(path)
-    sheet = contact_sheet(clips, labels, max_columns)
-    with _atomic_output(path) as temp:
-        sheet.save(temp, format="PNG")
-    return path
-
-
-def _contact_row(frames: np.ndarray, max_columns: int) -> np.ndarray:
-    picks = _evenly_spaced_indices(len(frames), max_columns)
-    height, width = frames.shape[1:3]
-    stride = width + SEPARATOR_PX
-    row = np.empty((height, len(picks) * stride - SEPARATOR_PX, 3), np.uint8)
-    row[:] = SHEET_BACKGROUND
-    for column, index in enumerate(picks):
-        row[:, column * stride : column * stride + width] = frames[index]
-    return row
-
-
-def _evenly_spaced_indices(count: int, max_picks: int) -> np.ndarray:
-    # Spacing is at least one frame when picks <= count, so the rounded indices are distinct
-    # and always include the first and the last frame.
-    return np.linspace(0, count - 1, min(count, max_picks)).round().astype(int)

@@ -24,7 +24,8 @@ from kinetoscope.eval.reconstruction import EVAL_SEED, psnr
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from kinetoscope.models.checkpoint import config_from_dict
 from kinetoscope.models.precision import autocast_for
-from kinetoscope.training.common import DATA_KEYS, TRAIN_KEYS, RecipeError, RunDirectory, Stopwatch, learning_rate, load_recipe, run_progress
+from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, learning_rate, load_recipe,
+                                         reuse_setting, run_progress)
 
 
 def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -74,6 +75,7 @@ def save_training_model(model: VideoAutoencoder, directory: Path):
 def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None) -> Path:
     recipe = load_recipe(recipe_path, {"model": (), "data": DATA_KEYS, "train": TRAIN_KEYS})
     settings = recipe["train"]
+    reuse = reuse_setting(settings)
     total_steps = steps or settings["steps"]
     minutes = minutes if minutes is not None else settings.get("minutes")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,13 +109,16 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     last_checkpoint = time.monotonic()
     bar = tqdm(total=total_steps, initial=step, desc="autoencoder", dynamic_ncols=True)
     stream = iter(torch.utils.data.DataLoader(ShapesWorldDataset.from_recipe(recipe["data"], step, with_captions=False), batch_size=None, num_workers=settings["workers"]))
+    pool = BatchPool(lambda: next(stream), reuse, seed=settings["seed"] * 1_000_003 + step)
     model.train()
     while (fraction := run_progress(step, total_steps, clock.elapsed, minutes)) < 1.0:
-        batch = next(stream)
+        batch = pool.next()
         lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
         video = batch["video"].to(device, non_blocking=True)
+        if reuse > 1 and pool.rng.random() < 0.5:  # a batch seen again comes mirrored half the time
+            video = video.flip(-1)
         with autocast_for(device):
             with torch.set_grad_enabled(not freeze_encoder):
                 latents = model.encode(video, normalize=False)
@@ -144,7 +149,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 
 @torch.no_grad()
 def evaluate(model: VideoAutoencoder, video: torch.Tensor, run: RunDirectory, step: int):
-    from kinetoscope.media.video import save_contact_sheet
+    from kinetoscope.media.frames import save_contact_sheet
 
     model.eval()
     device = next(model.parameters()).device

@@ -9,6 +9,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -74,6 +75,42 @@ def run_progress(step: int, total_steps: int, elapsed_s: float, minutes: float |
     """
     by_steps = step / total_steps
     return max(by_steps, elapsed_s / (minutes * 60)) if minutes else by_steps
+
+
+class BatchPool:
+    """Each rendered (and, for the generator, encoded) batch serves `reuse` steps on average.
+
+    On a CPU, rendering a batch costs a large part of a training step, and a model learns nearly
+    as much from a clip seen again (at fresh noise and times, or mirrored) as from a new one. The
+    pool holds 4 * reuse batches; every `reuse` steps the oldest gives way to a new one, and each
+    step trains on a batch drawn at random from the pool, so a batch's uses are spread over its
+    time in the pool rather than made in a row. reuse = 1 uses every batch exactly once, in order.
+    """
+
+    def __init__(self, make_batch, reuse: int, seed: int):
+        self.make_batch = make_batch
+        self.reuse = reuse
+        self.capacity = 1 if reuse == 1 else 4 * reuse
+        self.batches = []
+        self.steps = 0
+        self.rng = np.random.default_rng(seed)
+
+    def next(self):
+        if self.steps % self.reuse == 0 or not self.batches:
+            self.batches.append(self.make_batch())
+            if len(self.batches) > self.capacity:
+                self.batches.pop(0)
+            while len(self.batches) < min(self.capacity, 4):  # a young pool first gathers a few batches
+                self.batches.append(self.make_batch())
+        self.steps += 1
+        return self.batches[self.rng.integers(len(self.batches))]
+
+
+def reuse_setting(settings: dict) -> int:
+    reuse = settings.get("reuse", 1)
+    if not isinstance(reuse, int) or isinstance(reuse, bool) or reuse < 1:
+        raise RecipeError(f"[train] reuse must be a whole number of at least 1, not {reuse!r}")
+    return reuse
 
 
 class RunDirectory:

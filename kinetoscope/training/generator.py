@@ -32,7 +32,8 @@ from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
-from kinetoscope.training.common import DATA_KEYS, TRAIN_KEYS, RecipeError, RunDirectory, Stopwatch, learning_rate, load_recipe, run_progress
+from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, learning_rate, load_recipe,
+                                         reuse_setting, run_progress)
 
 REQUIRED = {
     "model": ("size",),
@@ -74,35 +75,6 @@ class LatentBatches:
             latents = self.autoencoder.encode(video).float()
         text, mask = self.text_encoder.encode(batch["caption"])
         return latents, text.to(self.device), mask.to(self.device)
-
-
-class LatentPool:
-    """Each rendered and encoded batch serves `reuse` steps on average, at fresh noise and times.
-
-    On a CPU, rendering and encoding cost as much as the transformer's step; a diffusion model
-    learns nearly as much from a clip seen again at another noise level as from a new one. The
-    pool holds 4 * reuse batches; every `reuse` steps the oldest gives way to a new one, and each
-    step trains on a batch drawn at random from the pool, so a batch's uses are spread over its
-    time in the pool rather than made in a row. reuse = 1 uses every batch exactly once, in order.
-    """
-
-    def __init__(self, make_batch, reuse: int, seed: int):
-        self.make_batch = make_batch  # () -> (latents, text, mask, bucket)
-        self.reuse = reuse
-        self.capacity = 1 if reuse == 1 else 4 * reuse
-        self.batches = []
-        self.steps = 0
-        self.rng = np.random.default_rng(seed)
-
-    def next(self):
-        if self.steps % self.reuse == 0 or not self.batches:
-            self.batches.append(self.make_batch())
-            if len(self.batches) > self.capacity:
-                self.batches.pop(0)
-            while len(self.batches) < min(self.capacity, 4):  # a young pool first gathers a few batches
-                self.batches.append(self.make_batch())
-        self.steps += 1
-        return self.batches[self.rng.integers(len(self.batches))]
 
 
 def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_dropout: float, generator=None):
@@ -185,9 +157,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     recipe = load_recipe(recipe_path, REQUIRED)
     check_eval_prompts(recipe["eval"]["prompts"])
     settings = recipe["train"]
-    reuse = settings.get("reuse", 1)
-    if not isinstance(reuse, int) or isinstance(reuse, bool) or reuse < 1:
-        raise RecipeError(f"[train] reuse must be a whole number of at least 1, not {reuse!r}")
+    reuse = reuse_setting(settings)
     total_steps = steps or settings["steps"]
     minutes = minutes if minutes is not None else settings.get("minutes")
     rank, world_size = start_distributed()
@@ -229,7 +199,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         batch = next(stream)
         return (*to_latents(batch), batch["bucket"])
 
-    pool = LatentPool(encoded_batch, reuse, seed=process_seed)
+    pool = BatchPool(encoded_batch, reuse, seed=process_seed)
     band_losses = {i: [] for i in range(len(TIME_BUCKETS) - 1)}
 
     def checkpoint():
@@ -286,7 +256,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory, step: int, device):
     """Generate the recipe's sample prompts with the EMA weights, judge them, save a contact sheet."""
     from kinetoscope.eval.judge import judge
-    from kinetoscope.media.video import save_contact_sheet
+    from kinetoscope.media.frames import save_contact_sheet
     from kinetoscope.pipelines.text_to_video import TextToVideo
 
     pipe = TextToVideo(ema, autoencoder, text_encoder, schedule, recipe["data"]["fps"], device)
