@@ -12,7 +12,7 @@ from kinetoscope.media.video import read_video, video_info, write_video
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder, default_weights_dir
 from kinetoscope.training.autoencoder import reconstruction_loss
 
-SMALL = AutoencoderConfig(latent_channels=8, widths=(12, 24), blocks_per_level=1)
+SMALL = AutoencoderConfig(latent_channels=8, widths=(12, 24), blocks_per_level=1, refine_width=4)
 
 
 @pytest.fixture(scope="module")

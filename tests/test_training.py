@@ -252,9 +252,9 @@ def test_a_decoder_fine_tune_keeps_the_latent_space(tmp_path):
     recipe.write_text(TINY_AUTOENCODER_RECIPE)
     first = train_autoencoder(str(recipe), output=str(tmp_path / "first"))
 
-    stronger = TINY_AUTOENCODER_RECIPE.replace("blocks_per_level = 1", f'blocks_per_level = 1\ndecoder_blocks_per_level = 2\ninit = "{first}"')
-    # The added decoder blocks start as the identity: same reconstructions before any step.
-    grown = VideoAutoencoder(AutoencoderConfig(latent_channels=8, widths=(12, 24), blocks_per_level=1, decoder_blocks_per_level=2))
+    stronger = TINY_AUTOENCODER_RECIPE.replace("blocks_per_level = 1", f'blocks_per_level = 1\ndecoder_blocks_per_level = 2\nrefine_width = 4\ninit = "{first}"')
+    # The added decoder blocks and pixel refiner start as the identity: same reconstructions before any step.
+    grown = VideoAutoencoder(AutoencoderConfig(latent_channels=8, widths=(12, 24), blocks_per_level=1, decoder_blocks_per_level=2, refine_width=4))
     start_from(grown, str(first))
     video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
     with torch.no_grad():

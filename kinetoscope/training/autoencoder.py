@@ -42,15 +42,17 @@ def model_config(recipe: dict) -> AutoencoderConfig:
 
 
 def start_from(model: VideoAutoencoder, directory: str):
-    """Load exported weights into `model`, which may have more decoder blocks than they do: the new
-    blocks start as the identity, so training continues from the same reconstructions."""
+    """Load exported weights into `model`, which may add decoder blocks or the pixel refiner to
+    them: both start as the identity, so training continues from the same reconstructions."""
     try:
         start = VideoAutoencoder.from_pretrained(directory)
     except (OSError, ValueError) as error:
         raise RecipeError(f"[model] init: {error}") from None
-    same_otherwise = replace(start.cfg, decoder_blocks_per_level=None) == replace(model.cfg, decoder_blocks_per_level=None)
-    if not same_otherwise or model.cfg.decoder_blocks < start.cfg.decoder_blocks:
-        raise RecipeError(f"[model] init {directory} is a {start.cfg}; the recipe's {model.cfg} can only add decoder blocks")
+    growable = {"decoder_blocks_per_level": None, "refine_width": 0}
+    same_otherwise = replace(start.cfg, **growable) == replace(model.cfg, **growable)
+    shrinks = model.cfg.decoder_blocks < start.cfg.decoder_blocks or start.cfg.refine_width not in (0, model.cfg.refine_width)
+    if not same_otherwise or shrinks:
+        raise RecipeError(f"[model] init {directory} is a {start.cfg}; the recipe's {model.cfg} can only add decoder blocks or a pixel refiner")
     model.load_state_dict(start.float().state_dict(), strict=False)
 
 
