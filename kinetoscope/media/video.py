@@ -27,8 +27,6 @@ WEBP_QUALITY = 90  # lossy: generated frames are too noisy for lossless WebP to 
 STILL_IMAGE_FPS = 25.0  # what FFmpeg's image demuxers report, so every still image reads alike
 
 
-
-
 class VideoError(ValueError):
     """A file that cannot be read as a video; the message is one line naming the file."""
 

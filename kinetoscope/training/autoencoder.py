@@ -119,7 +119,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr
         video = batch["video"].to(device, non_blocking=True)
-        if reuse > 1 and pool.rng.random() < 0.5:  # a batch seen again comes mirrored half the time
+        if reuse > 1 and pool.rng.random() < 0.5:  # each draw is mirrored half the time, so a batch's repeats differ
             video = video.flip(-1)
         with autocast_for(device):
             with torch.set_grad_enabled(not freeze_encoder):
