@@ -116,3 +116,43 @@ def test_hash_mismatch_raises(monkeypatch):
 def test_missing_weights_raise(tmp_path):
     with pytest.raises(TextEncoderWeightsError, match="not found"):
         TextEncoder.load("cpu", model_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def compact_dir(tmp_path_factory):
+    return text_encoder.write_compact_copy(tmp_path_factory.mktemp("compact"), ["two red circles move left; on white", "a red circle"])
+
+
+def test_a_compact_copy_encodes_its_vocabulary_like_the_original(encoder, compact_dir, monkeypatch):
+    weights = (compact_dir / text_encoder.COMPACT_FILE).stat().st_size
+    assert weights < 0.3 * (text_encoder.bundled_model_dir() / text_encoder.WEIGHTS_FILE).stat().st_size
+    monkeypatch.setenv(text_encoder.MODEL_DIR_VARIABLE, str(compact_dir))
+    compact = TextEncoder.load("cpu")  # the variable names it
+    prompts = ["two red circles move left on white", "a red circle", ""]
+    states, mask = compact.encode(prompts)
+    original, original_mask = encoder.encode(prompts)
+    assert torch.equal(mask, original_mask)
+    torch.testing.assert_close(states, original, rtol=0, atol=2e-2)  # float16 layer weights
+    assert (states - original).abs().max() > 0  # it really is the copy that ran
+
+
+def test_a_compact_copy_refuses_words_it_has_no_embedding_for(compact_dir):
+    compact = TextEncoder.load("cpu", compact_dir)
+    with pytest.raises(ValueError, match="no embedding for: blue"):
+        compact.encode(["a blue circle"])
+
+
+def test_a_corrupted_compact_copy_is_refused(compact_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in compact_dir.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    data = bytearray((broken / text_encoder.COMPACT_FILE).read_bytes())
+    data[-1] ^= 1
+    (broken / text_encoder.COMPACT_FILE).write_bytes(bytes(data))
+    with pytest.raises(TextEncoderWeightsError, match="corrupted"):
+        TextEncoder.load("cpu", broken)
+    manifest = broken / text_encoder.COMPACT_MANIFEST
+    manifest.write_text(manifest.read_text().replace(text_encoder.WEIGHTS_SHA256, "0" * 64))
+    with pytest.raises(TextEncoderWeightsError, match="made from"):
+        TextEncoder.load("cpu", broken)

