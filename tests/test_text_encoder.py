@@ -1,3 +1,4 @@
+import json
 import socket
 
 import pytest
@@ -22,6 +23,7 @@ def encoder():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", refuse)
+        patch.delenv(text_encoder.MODEL_DIR_VARIABLE, raising=False)  # the pinned original, whatever the shell says
         yield TextEncoder.load("cpu")
 
 
@@ -152,7 +154,17 @@ def test_a_corrupted_compact_copy_is_refused(compact_dir, tmp_path):
     (broken / text_encoder.COMPACT_FILE).write_bytes(bytes(data))
     with pytest.raises(TextEncoderWeightsError, match="corrupted"):
         TextEncoder.load("cpu", broken)
+    (broken / text_encoder.COMPACT_FILE).write_bytes((compact_dir / text_encoder.COMPACT_FILE).read_bytes())
+    with (broken / "vocab.txt").open("a") as vocab:  # a changed vocabulary would shift token ids
+        vocab.write("extra\n")
+    with pytest.raises(TextEncoderWeightsError, match="vocab.txt is missing or corrupted"):
+        TextEncoder.load("cpu", broken)
     manifest = broken / text_encoder.COMPACT_MANIFEST
-    manifest.write_text(manifest.read_text().replace(text_encoder.WEIGHTS_SHA256, "0" * 64))
+    sound = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**sound, "source_sha256": "0" * 64}))
     with pytest.raises(TextEncoderWeightsError, match="made from"):
         TextEncoder.load("cpu", broken)
+    for unsound in ({k: v for k, v in sound.items() if k != "files"}, ["not", "an", "object"]):
+        manifest.write_text(json.dumps(unsound))
+        with pytest.raises(TextEncoderWeightsError, match="not a compact text encoder's manifest"):
+            TextEncoder.load("cpu", broken)

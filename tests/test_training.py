@@ -279,8 +279,16 @@ def test_a_decoder_fine_tune_keeps_the_latent_space(tmp_path):
     with pytest.raises(RecipeError, match="l1_weight must be a number"):
         negative = tmp_path / "negative.toml"
         negative.write_text(stronger.replace("workers = 0\n", "workers = 0\nl1_weight = -1\n"))
-        train_autoencoder(str(negative), output=str(tmp_path / "fifth"))
+        train_autoencoder(str(negative), output=str(tmp_path / "negative"))
     with pytest.raises(RecipeError, match="can only add decoder blocks"):
         wider = tmp_path / "wider.toml"
         wider.write_text(stronger.replace("widths = [12, 24]", "widths = [24, 48]"))
         train_autoencoder(str(wider), output=str(tmp_path / "fourth"))
+
+
+def test_the_autoencoder_loss_weighs_l1_as_the_recipe_says():
+    from kinetoscope.training.autoencoder import reconstruction_loss
+
+    video, recon = torch.zeros(1, 3, 1, 4, 4), torch.full((1, 3, 1, 4, 4), 0.5)
+    assert reconstruction_loss(video, recon, l1_weight=0).item() == pytest.approx(0.25)  # squared error alone
+    assert reconstruction_loss(video, recon).item() == pytest.approx(0.75)  # L1 0.5 + squared error 0.25

