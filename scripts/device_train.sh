@@ -6,9 +6,11 @@
 #   .venv/bin/python scripts/compact_text_encoder.py .device/text_encoder
 # Then one device call, carrying .device, with a timeout about three minutes over MINUTES:
 #   bash scripts/device_train.sh configs/generator_c32_gpu.toml 8
-# Every call starts a fresh run in runs/device. $OUT gets console.log, the run's log.jsonl,
-# loss.png and last sample sheet, and its exported folder as final.tar in parts of at most 15 MiB
-# (a returned file may not exceed 16 MiB); here: cat final.tar.part-* | tar -x -C runs/device
+# Every call starts a fresh run in runs/device, then scores the export with `kinetoscope eval`
+# (PER_TIER prompts per tier, 50 unless set).
+# $OUT gets console.log, the run's log.jsonl, loss.png and last sample sheet, eval.json, and the
+# exported folder as final.tar in parts of at most 15 MiB (a returned file may not exceed 16 MiB);
+# here: cat final.tar.part-* | tar -x -C runs/device
 set -euo pipefail
 usage="usage: scripts/device_train.sh RECIPE MINUTES"
 recipe=$(realpath "${1:?$usage}")
@@ -37,3 +39,5 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 # The progress bar's carriage returns would make one huge line: keep every 200th of its updates.
 python3 -m kinetoscope train --recipe "$recipe" --output "$run" --minutes "$minutes" 2>&1 \
     | tr '\r' '\n' | awk '/it\/s|s\/it/ { if (++updates % 200) next } { print; fflush() }' | tee -a "$out/console.log"
+python3 -m kinetoscope eval --weights "$run/final" --per-tier "${PER_TIER:-50}" --report "$out/eval.json" 2>&1 \
+    | tr '\r' '\n' | grep -v "%|" | tee -a "$out/console.log"
