@@ -117,8 +117,8 @@ def shipped():
 def test_shipped_weights_reconstruct_held_out_clips(shipped):
     # A guard against regressions of the shipped weights; the full evaluation is in their README.
     results = evaluate_autoencoder(shipped, clips_per_bucket=8, buckets=(Bucket(128, 128, 17),))
-    assert results["128x128x17"]["psnr"] > 27
-    assert results["128x128x17"]["palette_colours_kept"] >= 0.9
+    assert results["128x128x17"]["psnr"] > 32  # the target; these 8 clips gave 34.8 dB when shipped
+    assert results["128x128x17"]["palette_colours_kept"] == 1.0
 
 
 def test_shipped_latents_are_normalised(shipped):
