@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -182,7 +183,7 @@ def write_compact_copy(destination: str | Path, texts) -> Path:
     destination.mkdir(parents=True, exist_ok=True)
     save_file(tensors, destination / COMPACT_FILE)
     for name in COPIED_FILES:
-        (destination / name).write_bytes((source / name).read_bytes())
+        shutil.copyfile(source / name, destination / name)
     files = {name: _sha256(destination / name) for name in (COMPACT_FILE, *COPIED_FILES)}
     manifest = {"source_sha256": WEIGHTS_SHA256, "files": files, "tokens": len(row_ids)}
     (destination / COMPACT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -208,6 +209,6 @@ def _load_compact(model_dir: Path):
     row_ids, rows = tensors.pop(COMPACT_ROW_IDS), tensors.pop(COMPACT_ROWS)
     model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True), dtype=torch.float32)
     state = {name: value.float() for name, value in tensors.items()}
-    state[WORD_EMBEDDINGS] = torch.zeros_like(model.state_dict()[WORD_EMBEDDINGS]).index_copy_(0, row_ids, rows)
+    state[WORD_EMBEDDINGS] = torch.zeros_like(model.get_input_embeddings().weight).index_copy_(0, row_ids, rows)
     model.load_state_dict(state)
     return model, frozenset(row_ids.tolist())
