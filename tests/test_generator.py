@@ -305,6 +305,7 @@ def test_guidance_extrapolates_from_the_empty_prompt_through_the_prompt(pipe, mo
     [
         (dict(prompt=""), "empty"),
         (dict(prompt="x" * 1001), "1001 characters"),
+        (dict(prompt="a red circle moves left " * 14), "tokens long"),  # 300 characters, but cut by the encoder
         (dict(width=100), "multiples of 16"),
         (dict(frames=6), "1 \\+ 4k frames"),
         (dict(steps=0), "steps"),
@@ -356,6 +357,8 @@ def test_generate_cli_other_frame_rates_keep_the_duration(weights_dir, tmp_path)
         ["a red circle", "-o", "x.mp4", "--seconds", "0"],
         ["a red circle", "-o", "x.mp4", "--seconds", "-2"],
         ["a red circle", "-o", "x.mp4", "--seconds", "60"],
+        ["a red circle moves left " * 14, "-o", "x.mp4"],
+        ["a red circle", "-o", "x.mp4", "--steps", "1001"],
         ["a red circle", "-o", "x.txt"],
         ["a red circle", "-o", "x.mp4", "--seed", str(2**64)],
         ["a red circle", "-o", "x.mp4", "--guidance", "nan"],
@@ -368,6 +371,17 @@ def test_generate_cli_bad_inputs_exit_2_with_one_line(weights_dir, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_counts_the_attention_flops_the_math_backend_spells_out(pipe):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kinetoscope.eval.bench import denoiser_flops
+
+    fused = denoiser_flops(pipe, 32, 32, 5, 4.0)  # the CPU flash kernel, which torch's counter does not know
+    with sdpa_kernel(SDPBackend.MATH):  # the same attention as matmuls, which it does
+        spelled_out = denoiser_flops(pipe, 32, 32, 5, 4.0)
+    assert fused == spelled_out
 
 
 def test_bench_cli_reports_every_figure_the_issue_asks_for(weights_dir, capsys):
@@ -418,6 +432,53 @@ def test_generate_cli_corrupt_checkpoint_is_one_line(weights_dir, tmp_path, caps
     assert len(err.splitlines()) == 1 and "cannot load" in err
     assert not (tmp_path / "x.mp4").exists()
 
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+
+
+class RenderingPipe:
+    """A stand-in generator that draws each prompt's true scene, or a blank canvas for `blank`."""
+
+    fps = 8.0
+
+    def __init__(self, scenes: dict, blank: bool = False):
+        self.scenes, self.blank = scenes, blank
+
+    def __call__(self, prompt, **settings):
+        from types import SimpleNamespace
+
+        from kinetoscope.data import world
+
+        frames = world.render(self.scenes[prompt], 128, 128, 17, self.fps)
+        return SimpleNamespace(frames=np.zeros_like(frames) if self.blank else frames, fps=self.fps)
+
+
+def test_eval_scores_true_renders_right_and_blank_ones_wrong(monkeypatch):
+    from kinetoscope.data import captions
+    from kinetoscope.eval import generation
+
+    scenes, caption_variants = {}, captions.caption_variants
+
+    def recording_variants(scene, rng, count=4, split="train"):
+        texts = caption_variants(scene, rng, count, split)
+        scenes.update(dict.fromkeys(texts, scene))
+        return texts
+
+    prompts = generation.held_out_prompts(4)
+    monkeypatch.setattr(captions, "caption_variants", recording_variants)
+    assert generation.held_out_prompts(4) == prompts  # the same seeded prompts on every call
+    assert {item.tier for item in prompts} == set(generation.TIERS) and len(prompts) == 8
+    assert not any(captions.is_heldout_scene(scenes[p.prompt]) for p in prompts if p.tier == "unseen phrasings")
+    assert all(captions.is_heldout_scene(scenes[p.prompt]) for p in prompts if p.tier == "unseen combinations")
+    assert all(captions.is_heldout_phrasing(p.prompt) for p in prompts if p.tier == "unseen phrasings")
+
+    truth = generation.evaluate_generator(RenderingPipe(scenes), per_tier=4)
+    assert {tier: scores["prompts"] for tier, scores in truth["tiers"].items()} == dict.fromkeys(generation.TIERS, 4)
+    assert all(scores["fully_right"] >= 0.75 for scores in truth["tiers"].values()), truth["failures"]
+    blank = generation.evaluate_generator(RenderingPipe(scenes, blank=True), per_tier=4)
+    assert all(scores["fully_right"] == 0 for scores in blank["tiers"].values())
+    assert len(blank["failures"]) == 8 and all(scores["attributes"]["count"] == 0 for scores in blank["tiers"].values())
 
 
 # -- the shipped default model ------------------------------------------------------------------------

@@ -115,6 +115,16 @@ def test_hash_mismatch_raises(monkeypatch):
         TextEncoder.load("cpu")
 
 
+def test_a_changed_vocabulary_is_refused(tmp_path):
+    original = text_encoder.bundled_model_dir()
+    for name in (text_encoder.WEIGHTS_FILE, *text_encoder.COPIED_FILES):
+        (tmp_path / name).symlink_to(original / name)
+    (tmp_path / "vocab.txt").unlink()
+    (tmp_path / "vocab.txt").write_text((original / "vocab.txt").read_text().replace("circle", "circles", 1))
+    with pytest.raises(TextEncoderWeightsError, match="vocab.txt has SHA-256"):
+        TextEncoder.load("cpu", model_dir=tmp_path)
+
+
 def test_missing_weights_raise(tmp_path):
     with pytest.raises(TextEncoderWeightsError, match="not found"):
         TextEncoder.load("cpu", model_dir=tmp_path)

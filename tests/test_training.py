@@ -61,14 +61,29 @@ def test_an_interrupted_save_falls_back_to_the_last_good_checkpoint(tmp_path):
     run.save(model, optimizer, {"step": 1}, save_linear)
     # A crash between save()'s renames: the good checkpoint is only at checkpoint.old.
     run.checkpoint.rename(run.root / "checkpoint.old")
+    run.recover()
     assert run.has_checkpoint() and run.load_state(optimizer)["step"] == 1
     # A crash after the swap but before the cleanup: the new checkpoint wins, the old one goes.
     run.save(model, optimizer, {"step": 2}, save_linear)
     (run.root / "checkpoint.old").mkdir()
+    run.recover()
     assert run.has_checkpoint() and run.load_state(optimizer)["step"] == 2
     assert not (run.root / "checkpoint.old").exists()
     run.save(model, optimizer, {"step": 3}, save_linear)
     assert run.load_state(optimizer)["step"] == 3
+
+
+def test_a_resumed_run_drops_the_log_records_it_will_make_again(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    model = torch.nn.Linear(2, 2)
+    for step in range(1, 6):
+        run.log({"step": step, "loss": 1.0 / step})
+        if step == 3:
+            run.save(model, torch.optim.SGD(model.parameters(), lr=0.1), {"step": 3}, save_linear)
+    run.recover()  # the process died at step 5; the checkpoint is at step 3
+    assert [r["step"] for r in run.records()] == [1, 2, 3]
+    run.recover()
+    assert [r["step"] for r in run.records()] == [1, 2, 3]
 
 
 def test_recipes_are_checked_before_training(tmp_path):
@@ -87,6 +102,13 @@ def test_recipes_are_checked_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(RecipeError, match="no recipe"):
         load_recipe(tmp_path / "missing.toml")
+    for table, wrong, message in (('buckets = ["32x32x1", "32x32x5"]', 'buckets = ["32x32"]', "WIDTHxHEIGHTxFRAMES"),
+                                  ("[eval]", "[schedule]\nlogit_centre = 0.5\n\n[eval]", "logit_centre"),
+                                  ("fps = 8.0", 'fps = 8.0\nautoencoder = "no/such/folder"', "no autoencoder checkpoint")):
+        wrong_recipe = tmp_path / "wrong.toml"
+        wrong_recipe.write_text(TINY_RECIPE.replace(table, wrong))
+        with pytest.raises(RecipeError, match=message):
+            train(str(wrong_recipe), output=str(tmp_path / "run"))
     for bad in ("0", "2.5", "true"):
         reused = tmp_path / f"reuse_{bad}.toml"
         reused.write_text(TINY_RECIPE.replace("reuse = 2\n", f"reuse = {bad}\n"))

@@ -60,32 +60,25 @@ def frame_rate(text: str) -> float:
     return value
 
 
-def whole_number_in(low: int, high: int):
-    """An argparse type for a whole number in low..high."""
+def whole_number_in(low: int, high: int | None = None):
+    """An argparse type for a whole number in low..high (no upper bound when high is None)."""
+    expected = f"a whole number from {low} to {high}" if high is not None else f"a whole number of at least {low}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     return parse
 
 
 seed = whole_number_in(0, 2**63 - 1)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return value
+positive_int = whole_number_in(1)
+sampling_steps = whole_number_in(1, 1000)  # text_to_video.MAX_STEPS, named here so --help needs no torch
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, default_recipe: str):

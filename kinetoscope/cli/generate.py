@@ -15,7 +15,7 @@ def register(subparsers):
     generate.add_argument("--size", type=common.parse_size, default=(128, 128), help="WxH (default 128x128)")
     generate.add_argument("--fps", type=common.frame_rate, default=8.0)
     generate.add_argument("--seed", type=common.seed, default=0)
-    generate.add_argument("--steps", type=common.positive_int, default=20)
+    generate.add_argument("--steps", type=common.sampling_steps, default=20)
     generate.add_argument("--guidance", type=common.finite_float, default=4.0)
     generate.add_argument("--sampler", choices=("euler", "heun", "stochastic"), default="stochastic")  # rectified_flow.SAMPLERS, named here so --help needs no torch
     generate.add_argument("--weights", help="generator folder (default: the shipped model)")
@@ -27,7 +27,7 @@ def register(subparsers):
 
     evaluate = subparsers.add_parser("eval", help="generate held-out prompts and score them with the judge")
     evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
-    evaluate.add_argument("--steps", type=common.positive_int, default=20)
+    evaluate.add_argument("--steps", type=common.sampling_steps, default=20)
     evaluate.add_argument("--guidance", type=common.finite_float, default=4.0)
     evaluate.add_argument("--weights", help="generator folder (default: the shipped model)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
@@ -36,7 +36,7 @@ def register(subparsers):
     bench = subparsers.add_parser("bench", help="seconds per clip by stage, real-time factor, FLOP/s, memory")
     bench.add_argument("--size", type=common.parse_size, default=(128, 128))
     bench.add_argument("--seconds", type=common.positive_float, default=2.0)
-    bench.add_argument("--steps", type=common.positive_int, default=20)
+    bench.add_argument("--steps", type=common.sampling_steps, default=20)
     bench.add_argument("--guidance", type=common.finite_float, default=4.0)
     bench.add_argument("--repeats", type=common.positive_int, default=5)
     bench.add_argument("--weights", help="generator folder (default: the shipped model)")
@@ -48,6 +48,18 @@ def load_pipeline(weights: str | None):
     from kinetoscope.pipelines.text_to_video import TextToVideo
 
     return common.load_weights(TextToVideo.load, weights)
+
+
+def checked_frames(pipe, prompt: str, width: int, height: int, seconds: float | None) -> int:
+    """The frame count for `seconds` (None: one image), once the request is one the model can make."""
+    if seconds is not None and seconds > pipe.max_seconds:
+        raise common.UsageError(f"--seconds {seconds:g} is too long; at most {pipe.max_seconds:g}")
+    frames = 1 if seconds is None else pipe.frames_for(seconds)
+    try:
+        pipe.check_request(prompt, width, height, frames)
+    except ValueError as error:
+        raise common.UsageError(str(error)) from None
+    return frames
 
 
 def retime(frames, source_fps: float, target_fps: float, seconds: float):
@@ -68,15 +80,9 @@ def run_generate(args) -> int:
     image = output.suffix.lower() == ".png"
     if not image and output.suffix.lower() not in VIDEO_SUFFIXES:
         raise common.UsageError(f"output must end in .png, {', '.join(VIDEO_SUFFIXES)}; got {output.name!r}")
-    if args.seconds > 16:
-        raise common.UsageError(f"--seconds {args.seconds:g} is too long; at most 16")
     pipe = load_pipeline(args.weights)
     width, height = args.size
-    frames = 1 if image else pipe.frames_for(args.seconds)
-    try:
-        pipe.check_request(args.prompt, width, height, frames)
-    except ValueError as error:
-        raise common.UsageError(str(error)) from None
+    frames = checked_frames(pipe, args.prompt, width, height, None if image else args.seconds)
     with tqdm(total=args.steps, desc="denoising", unit="step") as bar:
         video = pipe(args.prompt, width=width, height=height, frames=frames, steps=args.steps,
                      guidance=args.guidance, seed=args.seed, sampler=args.sampler,
@@ -124,11 +130,7 @@ def run_bench(args) -> int:
 
     pipe = load_pipeline(args.weights)
     width, height = args.size
-    frames = pipe.frames_for(args.seconds)
-    try:
-        pipe.check_request("bench", width, height, frames)
-    except ValueError as error:
-        raise common.UsageError(str(error)) from None
+    frames = checked_frames(pipe, "bench", width, height, args.seconds)
     if args.compile:
         common.compile_and_warm_up(pipe, width, height, frames, args.guidance)
     r = benchmark_generation(pipe, width, height, frames, args.steps, args.guidance, args.repeats)
@@ -139,5 +141,6 @@ def run_bench(args) -> int:
     print(f"real-time factor: {r['real_time_factor']:.2f}x (clip seconds / wall seconds)")
     print(f"denoiser: {r['denoiser_flops_per_s'] / 1e9:.0f} GFLOP/s = {r['fraction_of_matmul_rate']:.0%} of the "
           f"bf16 matmul rate measured now ({r['bf16_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)")
-    print(f"peak memory: {r['peak_memory_mib']:.0f} MiB")
+    where = "allocated by the timed generations" if pipe.device.type == "cuda" else "the process's peak resident memory, loading included"
+    print(f"peak memory: {r['peak_memory_mib']:.0f} MiB ({where})")
     return 0

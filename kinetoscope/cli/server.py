@@ -25,7 +25,7 @@ def register(subparsers):
     add_storage_arguments(serve)
     serve.add_argument("--weights", help="generator folder (default: the shipped model)")
     serve.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    serve.add_argument("--steps", type=common.positive_int, default=20, help="sampling steps per video")
+    serve.add_argument("--steps", type=common.sampling_steps, default=20, help="sampling steps per video")
     serve.add_argument("--guidance", type=float, default=4.0)
     serve.add_argument("--compile", action="store_true",
                        help="compile the transformer with torch.compile at start-up (slower start, faster videos)")

@@ -31,7 +31,10 @@ class Bucket:
 
     @staticmethod
     def parse(text: str) -> "Bucket":
-        width, height, frames = (int(v) for v in text.lower().split("x"))
+        try:
+            width, height, frames = (int(v) for v in str(text).lower().split("x"))
+        except ValueError:
+            raise ValueError(f"bucket {text!r} is not WIDTHxHEIGHTxFRAMES (e.g. 128x128x17)") from None
         return Bucket(width, height, frames)
 
 

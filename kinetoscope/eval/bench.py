@@ -7,9 +7,11 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-# Distinct prompts, so every run pays for text encoding (repeats would hit the cache).
+# Distinct prompts, so every run pays for text encoding (repeats would hit the cache); the warm-up
+# prompt is none of them.
+WARM_UP_PROMPT = "an orange square moves down on a white background"
 BENCH_PROMPTS = (
     "a red circle moves to the right on a black background",
     "two small yellow squares slide up quickly",
@@ -18,6 +20,15 @@ BENCH_PROMPTS = (
     "a purple triangle shrinks on a gray background",
     "a cyan circle bounces while a red square moves left slowly",
 )
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's FLOP counter knows the CUDA attention kernels but not the CPU flash kernel, which
+# scaled_dot_product_attention dispatches to here: without this its FLOPs would count as zero.
+ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
 
 
 def matmul_rate(dtype=torch.bfloat16, size: int = 2048, seconds: float = 1.0, device="cpu") -> float:
@@ -41,19 +52,23 @@ def denoiser_flops(pipe, width: int, height: int, frames: int, guidance: float) 
     batch = 1 if guidance == 1.0 else 2
     x = torch.zeros(batch, *latent_shape, device=pipe.device)
     text, mask = pipe.text_encoder.encode([BENCH_PROMPTS[0]] * batch)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter, torch.no_grad():
         pipe.transformer(x, torch.full((batch,), 0.5, device=pipe.device), text.to(pipe.device), mask.to(pipe.device))
     return counter.get_total_flops()
 
 
 def peak_memory_mib(device: torch.device) -> float:
+    """CUDA: the most the timed generations allocated. CPU: the process's peak resident memory,
+    loading included (the OS keeps no per-phase peak)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def benchmark_generation(pipe, width=128, height=128, frames=17, steps=20, guidance=4.0, repeats=5) -> dict:
-    pipe(BENCH_PROMPTS[-1], width=width, height=height, frames=frames, steps=steps, guidance=guidance)  # warm up
+    pipe(WARM_UP_PROMPT, width=width, height=height, frames=frames, steps=steps, guidance=guidance)
+    if pipe.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipe.device)
     runs = [
         pipe(BENCH_PROMPTS[i % len(BENCH_PROMPTS)], width=width, height=height, frames=frames,
              steps=steps, guidance=guidance, seed=i).timings

@@ -48,7 +48,7 @@ class DiTConfig:
     local_mixing: bool = False  # a depthwise 3x3 convolution over each step's token grid inside each MLP (SANA's Mix-FFN)
 
 
-MODEL_SIZES = {  # the shipped default is "small": what a 2-core CPU can train in an hour and run in real time
+MODEL_SIZES = {  # the shipped default is "small" grown to 8 blocks: what a 2-core CPU trains in a few hours and runs in real time
     "tiny": dict(dim=128, depth=4, heads=2),
     "small": dict(dim=192, depth=6, heads=3),
     # The narrowest that keeps this CPU's matmuls busy: at 128x128x17 the denoiser reaches 40% of
@@ -264,6 +264,10 @@ class DiffusionTransformer(nn.Module):
         pt, ph, pw = self.cfg.patch
         if t % pt or h % ph or w % pw:
             raise ValueError(f"latent grid {t}x{h}x{w} is not divisible by the patch {pt}x{ph}x{pw}")
+
+    def token_count(self, latent_shape) -> int:
+        """Tokens in a clip of latents shaped (C, T, H, W) or (B, C, T, H, W)."""
+        return math.prod(latent_shape[-3:]) // math.prod(self.cfg.patch)
 
     def patchify(self, latents):
         """(B, C, T, H, W) -> (B, N, C*pt*ph*pw), tokens in (t, h, w) row-major order, and the token grid."""

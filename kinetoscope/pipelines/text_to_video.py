@@ -33,6 +33,7 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "generato
 MAX_PROMPT_CHARS = 1000
 MAX_SIDE = 512
 MAX_FRAMES = 129  # 16 s at 8 fps
+MAX_STEPS = 1000
 COMPILED_TEXT_MULTIPLE = 32  # prompt tokens padded to a multiple of this, so most prompts share one compiled graph
 
 
@@ -103,6 +104,10 @@ class TextToVideo:
     def frame_multiple(self) -> int:
         return self.autoencoder.cfg.temporal_factor
 
+    @property
+    def max_seconds(self) -> float:
+        return (MAX_FRAMES - 1) / self.fps
+
     def frames_for(self, seconds: float) -> int:
         """The fewest 1 + 4k frames at the model's frame rate that last at least `seconds`."""
         return 1 + self.frame_multiple * max(1, math.ceil(seconds * self.fps / self.frame_multiple - 1e-9))
@@ -112,6 +117,7 @@ class TextToVideo:
             raise ValueError("the prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        self.text_encoder.check_prompt(prompt)
         m = self.size_multiple
         if width % m or height % m or not (m <= width <= MAX_SIDE and m <= height <= MAX_SIDE):
             raise ValueError(f"size {width}x{height} is not supported: width and height must be multiples of {m} from {m} to {MAX_SIDE}")
@@ -127,8 +133,8 @@ class TextToVideo:
         self.check_request(prompt, width, height, frames)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        if steps < 1 or steps > 1000:
-            raise ValueError("steps must be between 1 and 1000")
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be between 1 and {MAX_STEPS}")
         timings = {}
         start = self._clock()
         text, mask = (v.to(self.device) for v in self.text_encoder.encode([prompt]))
@@ -159,8 +165,7 @@ class TextToVideo:
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn((1, *latent_shape), generator=generator).to(self.device)
         velocity = self.guided_velocity(text, mask, guidance)
-        tokens = int(np.prod(latent_shape[1:])) // int(np.prod(self.transformer.cfg.patch))
-        times = self.schedule.sampling_times(steps, tokens, device=self.device)
+        times = self.schedule.sampling_times(steps, self.transformer.token_count(latent_shape), device=self.device)
         with autocast_for(self.device):  # one context for every step, so the weights are cast to bf16 once
             return SAMPLERS[sampler](velocity, noise, times, on_step, generator=generator)
 

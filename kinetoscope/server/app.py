@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy import delete, select
 from starlette.datastructures import UploadFile
 
-from kinetoscope.pipelines.text_to_video import MAX_FRAMES, MAX_SIDE
+from kinetoscope.pipelines.text_to_video import MAX_SIDE
 from kinetoscope.server import access, db
 from kinetoscope.server.errors import ApiError, bad_request, describe_validation_error, install_error_handlers, not_found
 from kinetoscope.server.jobs import JobRunner
@@ -44,7 +44,7 @@ class Server:
         self.storage = VideoStorage(settings.videos_dir)
         self.limiter = access.RateLimiter(settings.requests_per_minute)
         self.model = pipelines[0]  # what the model can make; every worker's pipeline is the same model
-        self.max_seconds = int((MAX_FRAMES - 1) / self.model.fps)
+        self.max_seconds = int(self.model.max_seconds)
         self.runner = JobRunner(self.sessions, settings, pipelines, self.storage)
         self.webhooks = WebhookSender(self.sessions, settings)
         self.created = int(db.now())

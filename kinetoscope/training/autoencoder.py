@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from kinetoscope.data.dataset import Bucket, ShapesWorldDataset, tensor_to_clip
+from kinetoscope.data.dataset import Bucket, tensor_to_clip
 from kinetoscope.eval.reconstruction import heldout_clips, psnr
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from kinetoscope.models.checkpoint import config_from_dict
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, learning_rate, load_recipe,
-                                         reuse_setting, run_progress)
+                                         recipe_dataset, reuse_setting, run_progress)
 
 
 def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor, l1_weight: float = 1.0) -> torch.Tensor:
@@ -60,7 +60,7 @@ def start_from(model: VideoAutoencoder, directory: str):
 def latent_statistics(model: VideoAutoencoder, recipe: dict, batches: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of raw latents over training buckets."""
     device = next(model.parameters()).device
-    stream = iter(ShapesWorldDataset.from_recipe(recipe["data"], with_captions=False))
+    stream = iter(recipe_dataset(recipe["data"], with_captions=False))
     latents = []
     for _ in range(batches):
         with autocast_for(device):
@@ -95,6 +95,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     model.encoder.requires_grad_(not freeze_encoder)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
     step, carried = 0, 0.0
+    run.recover()
     if run.has_checkpoint():
         model.load_state_dict(load_file(run.checkpoint / "model.safetensors", device=str(device)))
         state = run.load_state(optimizer)
@@ -111,7 +112,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 
     last_checkpoint = time.monotonic()
     bar = tqdm(total=total_steps, initial=step, desc="autoencoder", dynamic_ncols=True)
-    stream = iter(torch.utils.data.DataLoader(ShapesWorldDataset.from_recipe(recipe["data"], step, with_captions=False), batch_size=None, num_workers=settings["workers"]))
+    stream = iter(torch.utils.data.DataLoader(recipe_dataset(recipe["data"], step, with_captions=False), batch_size=None, num_workers=settings["workers"]))
     pool = BatchPool(lambda: next(stream), reuse, seed=settings["seed"] * 1_000_003 + step)
     if step == 0 and recipe["model"].get("init"):
         evaluate(model, eval_video, run, step)  # where the weights it continues from stand

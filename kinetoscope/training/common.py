@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kinetoscope.data.dataset import ShapesWorldDataset
 
 TRAIN_KEYS = ("steps", "lr", "warmup", "weight_decay", "grad_clip", "seed", "workers", "log_every",
               "eval_every", "checkpoint_minutes", "output")
@@ -106,6 +107,14 @@ class BatchPool:
         return self.batches[self.rng.integers(len(self.batches))]
 
 
+def recipe_dataset(data: dict, step: int = 0, with_captions: bool = True) -> ShapesWorldDataset:
+    """The training stream of a recipe's [data] table; a malformed table is the recipe's error."""
+    try:
+        return ShapesWorldDataset.from_recipe(data, step, with_captions)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f"[data]: {error}") from None
+
+
 def reuse_setting(settings: dict) -> int:
     reuse = settings.get("reuse", 1)
     if not isinstance(reuse, int) or isinstance(reuse, bool) or reuse < 1:
@@ -123,8 +132,19 @@ class RunDirectory:
         (self.root / "samples").mkdir(parents=True, exist_ok=True)
 
     def has_checkpoint(self) -> bool:
-        self._recover_interrupted_save()
         return (self.checkpoint / "state.json").is_file()
+
+    def recover(self):
+        """Before a run starts (on one process only): bring back a checkpoint an interrupted save
+        left behind, and drop log records past the checkpoint, which the resumed run logs again."""
+        self._recover_interrupted_save()
+        resumed_at = json.loads((self.checkpoint / "state.json").read_text())["step"] if self.has_checkpoint() else 0
+        records = self.records()
+        kept = [r for r in records if r.get("step", 0) <= resumed_at]
+        if len(kept) < len(records):
+            staging = self.log_path.with_suffix(".tmp")
+            staging.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            staging.replace(self.log_path)
 
     def _recover_interrupted_save(self):
         """A crash between save()'s two renames leaves the last good checkpoint as checkpoint.old."""

@@ -26,14 +26,13 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kinetoscope.data.captions import PromptError, parse_prompt
-from kinetoscope.data.dataset import ShapesWorldDataset
 from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, predicted_clean, velocity_target
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
 from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, learning_rate, load_recipe,
-                                         reuse_setting, run_progress)
+                                         recipe_dataset, reuse_setting, run_progress)
 
 REQUIRED = {
     "model": ("size",),
@@ -45,6 +44,11 @@ TIME_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # loss is logged per band of t
 SELF_CONDITION_SHARE = 0.5  # of the steps that train a self-conditioned model on its own estimate
 
 
+def band_key(band: int) -> str:
+    """The log's name for the loss in one band of t, e.g. loss_t0.2-0.4."""
+    return f"loss_t{TIME_BUCKETS[band]:.1f}-{TIME_BUCKETS[band + 1]:.1f}"
+
+
 def start_distributed() -> tuple[int, int]:
     """(rank, world size); under torchrun this joins the process group (gloo on CPU, nccl on GPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -53,10 +57,12 @@ def start_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def device_for(rank: int) -> torch.device:
+def local_device() -> torch.device:
+    """This process's GPU (torchrun's LOCAL_RANK: its index on this machine), else the CPU."""
     if torch.cuda.is_available():
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        return torch.device("cuda", rank % torch.cuda.device_count())
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -80,8 +86,7 @@ class LatentBatches:
 def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_dropout: float, generator=None):
     """Velocity MSE per sample (B,), and the times it was drawn at."""
     b = latents.shape[0]
-    tokens = int(np.prod(latents.shape[2:])) // int(np.prod(model_config(model).patch))
-    t = schedule.sample_training_times(b, tokens, generator=generator).to(latents.device)
+    t = schedule.sample_training_times(b, unwrap(model).token_count(latents.shape), generator=generator).to(latents.device)
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     drop = (torch.rand(b, generator=generator) < caption_dropout).to(latents.device)
     text, mask = unwrap(model).drop_text(text, mask, drop)
@@ -96,7 +101,7 @@ def own_estimate(model, noisy, t, text, mask, generator=None):
     """For a self-conditioned model, half of the steps first let it predict the clean latents
     without gradients and train it to refine that estimate; the other half train it from none,
     as at the first sampling step. Costs about a sixth more per step on average."""
-    if not model_config(model).self_condition or torch.rand(1, generator=generator).item() >= SELF_CONDITION_SHARE:
+    if not unwrap(model).cfg.self_condition or torch.rand(1, generator=generator).item() >= SELF_CONDITION_SHARE:
         return None
     with torch.no_grad():
         return predicted_clean(noisy, unwrap(model)(noisy, t, text, mask).float(), t)
@@ -143,10 +148,6 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def model_config(model):
-    return unwrap(model).cfg
-
-
 def save_checkpoint_model(pair, directory: Path):
     model, ema = pair
     unwrap(model).save_pretrained(directory)
@@ -161,11 +162,14 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     total_steps = steps or settings["steps"]
     minutes = minutes if minutes is not None else settings.get("minutes")
     rank, world_size = start_distributed()
-    device = device_for(rank)
+    device = local_device()
     run = RunDirectory(output or settings["output"])
     main_process = rank == 0
 
-    autoencoder = VideoAutoencoder.from_pretrained(recipe["data"].get("autoencoder"))
+    try:
+        autoencoder = VideoAutoencoder.from_pretrained(recipe["data"].get("autoencoder"))
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"[data] autoencoder: {error}") from None
     overrides = {"latent_channels": autoencoder.cfg.latent_channels, **recipe["model"].get("overrides", {})}
     try:
         model = DiffusionTransformer(config_for(recipe["model"]["size"], **overrides)).to(device)
@@ -174,6 +178,10 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
     step, carried = 0, 0.0
+    if main_process:
+        run.recover()
+    if world_size > 1:
+        dist.barrier()  # the others read the checkpoint only once it is whole again
     if run.has_checkpoint():
         model.load_state_dict(load_file(run.checkpoint / "model.safetensors", device=str(device)))
         ema.load_state_dict(load_file(run.checkpoint / "ema.safetensors", device=str(device)))
@@ -191,20 +199,23 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     clock = Stopwatch(carried)
-    schedule = FlowSchedule(**recipe.get("schedule", {}))
+    try:
+        schedule = FlowSchedule(**recipe.get("schedule", {}))
+    except TypeError as error:
+        raise RecipeError(f"[schedule]: {error}") from None
     to_latents = LatentBatches(autoencoder, TextEncoder.load(device), device)
     try:  # a compact text encoder (on a machine without the wheel) may lack a word: fail now, not at step 500
         to_latents.text_encoder.encode(recipe["eval"]["prompts"])
     except ValueError as error:
         raise RecipeError(f"[eval] prompts: {error}") from None
-    stream = iter(torch.utils.data.DataLoader(ShapesWorldDataset.from_recipe(recipe["data"], step), batch_size=None, num_workers=settings["workers"]))
+    stream = iter(torch.utils.data.DataLoader(recipe_dataset(recipe["data"], step), batch_size=None, num_workers=settings["workers"]))
 
     def encoded_batch():
         batch = next(stream)
         return (*to_latents(batch), batch["bucket"])
 
     pool = BatchPool(encoded_batch, reuse, seed=process_seed)
-    band_losses = {i: [] for i in range(len(TIME_BUCKETS) - 1)}
+    band_losses = [[] for _ in range(len(TIME_BUCKETS) - 1)]  # rank 0's, since the last log record
 
     def checkpoint():
         if main_process:
@@ -227,17 +238,18 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         with torch.no_grad():
             decay = min(settings["ema_decay"], (1 + step) / (10 + step))  # short memory while young
             torch._foreach_lerp_(list(ema.parameters()), list(unwrap(model).parameters()), 1 - decay)
-        for value, time_value in zip(per_sample.tolist(), t.tolist()):
-            band_losses[min(int(time_value * 5), 4)].append(value)
+        if main_process:
+            for value, band in zip(per_sample.tolist(), np.digitize(t.tolist(), TIME_BUCKETS[1:-1])):
+                band_losses[band].append(value)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", bucket=str(bucket))
         if main_process and step % settings["log_every"] == 0:
             record = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr,
                       "bucket": str(bucket), "elapsed_s": round(clock.elapsed, 1)}
-            for band, values in band_losses.items():
+            for band, values in enumerate(band_losses):
                 if values:
-                    record[f"loss_t{TIME_BUCKETS[band]:.1f}-{TIME_BUCKETS[band + 1]:.1f}"] = float(np.mean(values))
+                    record[band_key(band)] = float(np.mean(values))
                 values.clear()
             run.log(record)
         if main_process and (step % settings["eval_every"] == 0):
@@ -273,8 +285,7 @@ def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory
         labels.append(f"{'PASS' if verdict.passed else 'FAIL'}  {prompt}")
     run.log({"step": step, "eval_judge_pass": passed / len(clips)})
     save_contact_sheet(run.root / "samples" / f"samples_{step:06d}.png", clips, labels)
-    band_keys = tuple(f"loss_t{TIME_BUCKETS[i]:.1f}-{TIME_BUCKETS[i + 1]:.1f}" for i in range(len(TIME_BUCKETS) - 1))
-    run.plot_loss(("loss", *band_keys), title=f"generator loss (judge pass {passed}/{len(clips)} at step {step})")
+    run.plot_loss(("loss", *map(band_key, range(len(TIME_BUCKETS) - 1))), title=f"generator loss (judge pass {passed}/{len(clips)} at step {step})")
 
 
 def export(ema, recipe: dict, run: RunDirectory, step: int, elapsed: float, device) -> Path:
