@@ -185,8 +185,18 @@ def test_every_sampler_lands_on_a_single_clean_sample():
     x0, noise = torch.randn(3, 4), torch.randn(3, 4)
     times = FlowSchedule().sampling_times(7, tokens=320)
     for name, sampler in SAMPLERS.items():
-        out = sampler(lambda x, t: (x - x0) / t[:, None], noise, times, generator=torch.Generator().manual_seed(0))
+        visited = []
+
+        def velocity(x, t):
+            visited.append((x, t))
+            return (x - x0) / t[:, None]
+
+        out = sampler(velocity, noise, times, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(out, x0, msg=name)
+        assert len(visited) >= len(times) - 1
+        if name != "stochastic":  # deterministic samplers stay on the straight path from the noise to x0 at every step
+            for x, t in visited:
+                torch.testing.assert_close(x, x0 + t[:, None] * (noise - x0), msg=name)
 
 
 def test_the_stochastic_sampler_is_euler_without_churn_and_seeded_with_it():
