@@ -494,7 +494,7 @@ def test_eval_scores_true_renders_right_and_blank_ones_wrong(monkeypatch):
 # -- the shipped default model ------------------------------------------------------------------------
 
 
-def test_the_shipped_model_is_small_and_loads_by_default():
+def test_the_shipped_model_is_small_and_records_how_it_was_trained():
     from kinetoscope.pipelines.text_to_video import DEFAULT_WEIGHTS
 
     assert (DEFAULT_WEIGHTS / "model.safetensors").stat().st_size < 32 * 2**20
