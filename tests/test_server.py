@@ -163,6 +163,18 @@ def test_a_default_size_the_model_cannot_make_is_refused_at_start(tmp_path, weig
     assert "--default-size" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, named", [
+    (["--guidance", "nan"], "--guidance"),
+    (["--port", "70000"], "--port"),
+    (["--steps", "5000"], "--steps"),
+    (["--database", "postgresql+psycopg://localhost/kinetoscope"], "cannot open the database"),
+], ids=["guidance-nan", "port-out-of-range", "too-many-steps", "database-driver-missing"])
+def test_bad_serve_arguments_are_one_line_and_exit_2(tmp_path, weights_dir, capsys, args, named):
+    assert main(["serve", "--data", str(tmp_path), "--weights", str(weights_dir), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1
+
+
 def test_unfinished_videos_say_when_to_poll_and_models_are_listed(client):
     response = client.videos.with_raw_response.create(prompt="a blue square", **SMALL)
     video = response.parse()
@@ -306,6 +318,8 @@ def test_the_rate_limiter_refills_over_a_minute():
     ({"seconds": "0"}, "seconds"),
     ({"seconds": "4.5"}, "seconds"),
     ({"seconds": "99"}, "seconds"),
+    ({"seconds": "\u00b2"}, "seconds"),  # a digit to str.isdigit, not to int()
+    ({"seconds": "4" * 5000}, "seconds"),  # past Python's limit on converting digits
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x" * 1_000_000}, "prompt"),
     ({"model": "dall-e-3"}, "model"),
@@ -313,6 +327,7 @@ def test_the_rate_limiter_refills_over_a_minute():
     ({"extra_body": {"input_reference": {"image_url": "https://example.com/a.png"}}}, "input_reference"),
     ({"input_reference": ("first.png", b"\x89PNG", "image/png")}, "input_reference"),
 ], ids=["size-not-multiple", "size-words", "size-too-big", "seconds-0", "seconds-fraction", "seconds-too-long",
+        "seconds-superscript", "seconds-5000-digits",
         "empty-prompt", "1MB-prompt", "unknown-model", "unknown-field", "reference-url", "reference-upload"])
 def test_malformed_create_requests_get_400_in_openai_envelope(client, fields, param):
     arguments = {"prompt": "a red circle", **SMALL, **fields}
@@ -330,7 +345,8 @@ def test_malformed_create_requests_get_400_in_openai_envelope(client, fields, pa
     ("application/json", b"[1, 2]"),
     ("application/json", b'{"prompt": 5}'),
     (None, b""),
-], ids=["text-plain", "broken-json", "json-array", "prompt-number", "no-body"])
+    ("application/json", b"[" * 100_000),
+], ids=["text-plain", "broken-json", "json-array", "prompt-number", "no-body", "deeply-nested-json"])
 def test_malformed_bodies_get_400_in_openai_envelope(server, client, content_type, body):
     headers = {"Authorization": f"Bearer {client.api_key}"} | ({"Content-Type": content_type} if content_type else {})
     response = httpx2.post(f"{server.url}/v1/videos", content=body, headers=headers)

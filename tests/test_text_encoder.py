@@ -1,5 +1,7 @@
 import json
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -100,6 +102,43 @@ def test_truncation(encoder):
     assert default_states.shape[1] == text_encoder.MAX_TOKENS
     # Truncated prompts are encoded afresh, not cut from a longer cached encoding.
     assert not torch.equal(default_states[0, :15], states[0, :15])
+
+
+class OverlapWatch:
+    """A tokenizer that counts calls made while another thread is still inside one."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.inside, self.overlaps = tokenizer, 0, 0
+
+    def __call__(self, *args, **kwargs):
+        self.inside += 1
+        self.overlaps += self.inside > 1
+        try:
+            time.sleep(0.002)  # widen the window a real race needs
+            return self.tokenizer(*args, **kwargs)
+        finally:
+            self.inside -= 1
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_prompts_are_checked_and_encoded_one_thread_at_a_time(encoder):
+    # The Rust tokenizer is shared and not thread-safe: a server's request thread checking a prompt
+    # while a worker tokenizes a batch switched the batch's padding off, or raised "Already borrowed".
+    watch = OverlapWatch(encoder.tokenizer)
+    shared = TextEncoder(watch, encoder.model, encoder.device)
+
+    def encode_many():
+        for i in range(30):
+            shared.encode([f"a red circle moves left {i} times", f"{i} blue squares"])
+
+    with ThreadPoolExecutor(2) as pool:
+        encoding = pool.submit(encode_many)
+        checks = [pool.submit(shared.check_prompt, f"a green triangle number {i}") for i in range(100)]
+        encoding.result()
+        assert [check.result() for check in checks] == [None] * 100
+    assert watch.overlaps == 0
 
 
 def test_similar_prompts_are_closer(encoder):

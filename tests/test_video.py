@@ -181,6 +181,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         (np.zeros((2, 8, 8), np.uint8), 8, "clip.mp4"),  # no channel axis
         (np.zeros((0, 8, 8, 3), np.uint8), 8, "clip.mp4"),  # no frames
         (np.zeros((2, 8, 8, 3), np.uint8), 0, "clip.mp4"),
+        (np.zeros((2, 8, 8, 3), np.uint8), 1e-4, "clip.mp4"),  # rounds to a rate of 0
         (np.zeros((2, 8, 8, 3), np.uint8), 8, "clip.avi"),
     ],
 )

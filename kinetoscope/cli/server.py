@@ -21,12 +21,12 @@ def add_storage_arguments(parser: argparse.ArgumentParser):
 def register(subparsers):
     serve = subparsers.add_parser("serve", help="serve OpenAI's Videos API (/v1/videos) with the local model")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=common.whole_number_in(0, 65535), default=8000)
     add_storage_arguments(serve)
     serve.add_argument("--weights", help="generator folder (default: the shipped model)")
     serve.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     serve.add_argument("--steps", type=common.sampling_steps, default=20, help="sampling steps per video")
-    serve.add_argument("--guidance", type=float, default=4.0)
+    serve.add_argument("--guidance", type=common.finite_float, default=4.0)
     serve.add_argument("--compile", action="store_true",
                        help="compile the transformer with torch.compile at start-up (slower start, faster videos)")
     serve.add_argument("--default-size", type=common.parse_size, default=(128, 128), help="size when a request names none")
@@ -76,7 +76,7 @@ def open_sessions(args):
 
     try:
         return db.open_database(args.database or db.database_url_for(args.data))
-    except (SQLAlchemyError, OSError) as error:
+    except (SQLAlchemyError, OSError, ImportError) as error:  # ImportError: a URL whose driver is not installed
         raise common.UsageError(f"cannot open the database: {str(error).splitlines()[0]}") from None
 
 

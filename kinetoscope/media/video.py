@@ -76,7 +76,10 @@ def _as_rate(fps: float) -> Fraction:
         raise ValueError(f"fps must be a positive number, got {fps}")
     # NTSC rates are n * 1000/1001, so a denominator up to 1001 turns 29.97002997 back into
     # exactly 30000/1001 while keeping plain rates like 12.5 exact.
-    return Fraction(fps).limit_denominator(1001)
+    rate = Fraction(fps).limit_denominator(1001)
+    if rate == 0:
+        raise ValueError(f"fps {fps} is too low to write; at least 1/1001")
+    return rate
 
 
 def _write_mp4(temp: Path, frames: np.ndarray, rate: Fraction, crf: int) -> None:
@@ -232,6 +235,8 @@ def _unreadable_as_video_error(path: Path) -> Iterator[None]:
         raise _unreadable(path, error.strerror or error) from error
     except UnidentifiedImageError as error:
         raise _unreadable(path, "unrecognised format") from error
+    except Image.DecompressionBombError as error:  # not an OSError
+        raise _unreadable(path, error) from error
     except OSError as error:
         raise _unreadable(path, error) from error
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -102,6 +103,9 @@ class TextEncoder:
         self.device = device
         self.cache_size = cache_size
         self.covered_ids = covered_ids  # a compact copy's token ids; None: every token
+        # The Rust tokenizer raises "Already borrowed" when two threads use it at once (a server's
+        # request thread checking a prompt while a worker encodes one).
+        self._tokenizer_lock = threading.Lock()
         # (max_tokens, prompt) -> (L_i, dim) states. max_tokens is part of the key because a
         # truncated prompt is re-encoded, not cut: every token attends to the whole input.
         self._cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
@@ -151,7 +155,8 @@ class TextEncoder:
     def check_prompt(self, prompt: str) -> None:
         """Raise ValueError unless `encode` would take the prompt whole: at most MAX_TOKENS tokens
         (encode truncates longer ones), and only words a compact copy has embeddings for."""
-        ids = self.tokenizer(prompt)["input_ids"]
+        with self._tokenizer_lock:
+            ids = self.tokenizer(prompt)["input_ids"]
         if len(ids) > MAX_TOKENS:
             raise ValueError(f"the prompt is {len(ids)} tokens long; at most {MAX_TOKENS} (about {MAX_TOKENS * 3 // 4} words)")
         self._check_covered(ids)
@@ -163,7 +168,8 @@ class TextEncoder:
             raise ValueError(f"this compact text encoder has no embedding for: {words} (it covers only the vocabulary it was made for)")
 
     def _run_model(self, prompts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        with self._tokenizer_lock:
+            tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
         self._check_covered(tokens["input_ids"][tokens["attention_mask"].bool()].tolist())
         tokens = tokens.to(self.device)
         states = self.model(**tokens).last_hidden_state

@@ -73,7 +73,7 @@ class Server:
         if seconds is None:
             return self.settings.default_seconds
         text = str(seconds).strip()
-        if not text.isdigit() or not 1 <= int(text) <= self.max_seconds:
+        if not re.fullmatch(r"[0-9]{1,4}", text) or not 1 <= int(text) <= self.max_seconds:
             raise bad_request(f"Invalid 'seconds': {seconds!r}. This model makes whole seconds from 1 to "
                               f"{self.max_seconds}, as a string or an integer (e.g. '4', '8', '12').", "seconds")
         return int(text)
@@ -132,7 +132,7 @@ async def request_fields(request: Request) -> dict:
     if content_type == "application/json":
         try:
             fields = await request.json()
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: thousands of nested brackets
             raise bad_request("We could not parse the JSON body of your request.", code="invalid_json") from None
         if not isinstance(fields, dict):
             raise bad_request("The JSON body must be an object.", code="invalid_json")

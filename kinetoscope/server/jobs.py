@@ -148,6 +148,8 @@ class JobRunner:
             if self.finish(video, token, status="failed", error_code="generation_failed",
                            error_message=str(error) or type(error).__name__):
                 self.storage.remove(video.id)  # whatever part got written; the video is still ours alone
+            else:
+                self.discard_if_deleted(video.id)
             return
         if not self.finish(video, token, status="completed", progress=100):
             self.discard_if_deleted(video.id)
