@@ -210,6 +210,9 @@ def test_list_pages_with_cursors_in_both_orders(client):
     assert [video.id for video in last.data] == created[3:] and not last.has_more
     with pytest.raises(openai.BadRequestError):
         client.videos.list(after="video_unknown")
+    for video in client.videos.list(limit=2):  # deleting as it pages: the next cursor names a deleted video
+        client.videos.delete(video.id)
+    assert client.videos.list().data == []
 
 
 def test_remix_keeps_size_length_and_seed_with_the_new_prompt(client):
@@ -264,6 +267,9 @@ def test_the_daily_quota_gives_429_with_retry_after(server):
         client.videos.create(prompt="a red circle", **SMALL)
     assert refused.value.status_code == 429 and refused.value.code == "insufficient_quota"
     assert 86_000 < int(refused.value.response.headers["retry-after"]) <= 86_400
+    client.videos.delete(client.videos.list().data[0].id)  # deleting never refunds quota
+    with pytest.raises(openai.RateLimitError):
+        client.videos.create(prompt="a red circle", **SMALL)
 
 
 def test_pausing_access_refuses_everyone_until_resumed(server, client):

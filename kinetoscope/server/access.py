@@ -153,10 +153,10 @@ def check_job_limits(session: Session, key: db.ApiKey, default_per_day: int, con
     so Retry-After is exact) or its number of unfinished jobs."""
     per_day = key.videos_per_day if key.videos_per_day is not None else default_per_day
     window_start = db.now() - DAY_SECONDS
-    recent = select(db.Video.created_at).where(db.Video.key_id == key.id, db.Video.created_at > window_start)
+    recent = select(db.IssuedVideo.created_at).where(db.IssuedVideo.key_id == key.id, db.IssuedVideo.created_at > window_start)
     count = session.scalar(select(func.count()).select_from(recent.subquery()))
     if count >= per_day:
-        oldest = session.scalar(recent.order_by(db.Video.created_at).offset(count - per_day).limit(1))
+        oldest = session.scalar(recent.order_by(db.IssuedVideo.created_at).offset(count - per_day).limit(1))
         retry_after = oldest + DAY_SECONDS - db.now() if oldest is not None else DAY_SECONDS
         raise too_many(f"You exceeded your quota of {per_day} videos per day.", retry_after, "insufficient_quota", "insufficient_quota")
     unfinished = session.scalar(select(func.count()).where(db.Video.key_id == key.id, db.Video.status.in_(UNFINISHED)))

@@ -97,6 +97,8 @@ class Server:
                              seed=seed if seed is not None else secrets.randbelow(2**31), steps=self.settings.steps,
                              guidance=self.settings.guidance, remixed_from_video_id=remixed_from, **plan)
             session.add(video)
+            session.flush()  # assigns seq
+            session.add(db.IssuedVideo(video_id=video.id, key_id=key.id, seq=video.seq, created_at=video.created_at))
             access.record(session, key.name, "video.remix" if remixed_from else "video.create", video.id,
                           f"{plan['width']}x{plan['height']} {plan['seconds']}s seed={video.seed}")
         return video
@@ -209,7 +211,7 @@ def list_videos(key: KeyDep, server: ServerDep, after: str | None = None,
     with db.transaction(server.sessions, write=False) as session:
         query = select(db.Video).where(db.Video.key_id == key.id)
         if after is not None:
-            cursor = session.scalar(select(db.Video.seq).where(db.Video.id == after, db.Video.key_id == key.id))
+            cursor = session.scalar(select(db.IssuedVideo.seq).where(db.IssuedVideo.video_id == after, db.IssuedVideo.key_id == key.id))
             if cursor is None:
                 raise bad_request(f"Invalid 'after': no video with id '{after}'.", "after")
             query = query.where(db.Video.seq > cursor if order == "asc" else db.Video.seq < cursor)

@@ -1,5 +1,5 @@
-"""What the server stores: keys, videos (which are also the job queue), webhook deliveries, the
-audit log and operator switches. SQLite in WAL mode by default; any SQLAlchemy URL (PostgreSQL)
+"""What the server stores: keys, videos (which are also the job queue), the ledger of videos
+issued, webhook deliveries, the audit log and operator switches. SQLite in WAL mode by default; any SQLAlchemy URL (PostgreSQL)
 works because the queue needs nothing but conditional UPDATEs."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -42,6 +42,7 @@ class Video(Base):
     """One video and its generation job. `seq` orders the list and its cursors; `id` is public."""
 
     __tablename__ = "videos"
+    __table_args__ = {"sqlite_autoincrement": True}  # a deleted video's seq is never reused: cursors stay unambiguous
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
@@ -66,6 +67,19 @@ class Video(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far, interrupted ones included
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
+
+
+class IssuedVideo(Base):
+    """Every video a key has started, kept when the video is deleted: the daily quota counts it
+    (deleting never refunds quota), and a list cursor may still name it (the official client pages
+    with the last id it saw, which a loop deleting as it goes has just removed)."""
+
+    __tablename__ = "issued_videos"
+
+    video_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)  # the video's place in its key's list
+    created_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class WebhookDelivery(Base):
@@ -116,6 +130,10 @@ def open_database(url: str) -> sessionmaker[Session]:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)
+    with engine.begin() as connection:  # a database older than the ledger: enter the videos it still has
+        connection.execute(text("INSERT INTO issued_videos (video_id, key_id, seq, created_at) "
+                                "SELECT id, key_id, seq, created_at FROM videos "
+                                "WHERE id NOT IN (SELECT video_id FROM issued_videos)"))
     return sessionmaker(engine, expire_on_commit=False)
 
 
