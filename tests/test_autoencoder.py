@@ -143,7 +143,9 @@ def test_reconstruct_cli_keeps_size_and_length_of_any_input(tmp_path):
     assert psnr(original, restored).item() > 22
 
 
-def test_reconstruct_cli_bad_inputs(tmp_path, capsys):
+def test_reconstruct_cli_bad_inputs(tmp_path, capsys, monkeypatch):
+    from kinetoscope.pipelines import reconstruction
+
     text = tmp_path / "notes.mp4"
     text.write_text("not a video")
     assert main(["reconstruct", str(tmp_path / "missing.mp4"), "--output", str(tmp_path / "o.mp4")]) == 2
@@ -153,8 +155,11 @@ def test_reconstruct_cli_bad_inputs(tmp_path, capsys):
     assert main(["reconstruct", str(source), "--output", str(tmp_path / "o.mp4"), "--weights", str(tmp_path)]) == 2
     assert main(["reconstruct", str(source), "--output", str(tmp_path / "o.txt")]) == 2
     assert main(["reconstruct", str(source), "--output", str(text / "under_a_file.mp4")]) == 2
+    monkeypatch.setattr(reconstruction, "MAX_PIXELS", 4 * 32 * 32)  # a 5-frame clip is then one frame too long
+    assert main(["reconstruct", str(source), "--output", str(tmp_path / "o.mp4")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 5 and all(line.startswith("kinetoscope reconstruct: error:") for line in errors)
+    assert "too long to reconstruct: at 32x32, at most 4 frames" in errors[-1]
+    assert len(errors) == 6 and all(line.startswith("kinetoscope reconstruct: error:") for line in errors)
     assert not (tmp_path / "o.mp4").exists()
 
 

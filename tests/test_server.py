@@ -360,6 +360,17 @@ def test_malformed_bodies_get_400_in_openai_envelope(server, client, content_typ
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_bodies_over_8_mb_get_413_whether_declared_or_chunked(server, client):
+    headers = {"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"}
+    body = b'{"prompt": "' + b"a" * (9 * 2**20) + b'"}'
+    declared = httpx2.post(f"{server.url}/v1/videos", content=body, headers=headers)
+    chunked = httpx2.post(f"{server.url}/v1/videos", content=iter([body[i:i + 2**20] for i in range(0, len(body), 2**20)]),
+                          headers=headers)  # an iterator: sent chunked, with no Content-Length
+    for response in (declared, chunked):
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert client.videos.list().data == []
+
+
 def test_unknown_routes_and_bad_queries_answer_in_the_envelope(server, client):
     headers = {"Authorization": f"Bearer {client.api_key}"}
     assert httpx2.get(f"{server.url}/v1/nothing", headers=headers).json()["error"]["code"] == "not_found"
@@ -489,3 +500,21 @@ def test_a_worker_that_lost_its_lease_to_another_never_removes_that_workers_vide
     with db.transaction(sessions, write=False) as session:
         assert session.scalar(select(db.Video.status)) == "completed"
     assert all(storage.path("video_1", variant).is_file() for variant in ("video", "thumbnail", "spritesheet"))
+
+
+def test_files_a_stopped_server_left_behind_for_a_deleted_video_go_at_the_next_start(tmp_path, weights_dir):
+    from kinetoscope.pipelines.text_to_video import TextToVideo
+    from kinetoscope.server.app import Server
+    from kinetoscope.server.settings import ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path)
+    sessions = db.open_database(settings.database)
+    access.create_key(sessions, "artist")
+    with db.transaction(sessions) as session:
+        session.add(db.Video(id="video_kept", key_id=session.scalar(select(db.ApiKey.id)), status="completed", prompt="a red circle",
+                             model="kinetoscope-shapes", seconds="1", width=32, height=32, frames=9, seed=1, steps=2, guidance=4.0))
+    for video_id in ("video_kept", "video_deleted"):
+        (settings.videos_dir / video_id).mkdir(parents=True)
+        (settings.videos_dir / video_id / "video.mp4").write_bytes(b"frames")
+    Server(settings, [TextToVideo.load(weights_dir)])
+    assert sorted(p.name for p in settings.videos_dir.iterdir()) == ["video_kept"]

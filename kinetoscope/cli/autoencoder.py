@@ -63,15 +63,22 @@ def run_eval(args) -> int:
 
 def run_reconstruct(args) -> int:
     from kinetoscope.media.video import VIDEO_SUFFIXES, VideoError, read_video, write_video
-    from kinetoscope.pipelines.reconstruction import VideoReconstruction
+    from kinetoscope.pipelines.reconstruction import MAX_PIXELS, VideoReconstruction
 
     output = Path(args.output)
     if output.suffix.lower() not in VIDEO_SUFFIXES:
         raise common.UsageError(f"output must end in {', '.join(VIDEO_SUFFIXES)}; got {output.name!r}")
     try:
-        frames, fps = read_video(args.input)
+        _, height, width, _ = read_video(args.input, max_frames=1)[0].shape
+        most_frames = MAX_PIXELS // (width * height)
+        if most_frames < 1:
+            raise common.UsageError(f"{args.input}: frames of {width}x{height} are too large to reconstruct")
+        # Decode no more than a round trip takes, so a long high-resolution file cannot fill the memory first.
+        frames, fps = read_video(args.input, max_frames=most_frames + 1)
     except VideoError as error:
         raise common.UsageError(str(error)) from None
+    if len(frames) > most_frames:
+        raise common.UsageError(f"{args.input} is too long to reconstruct: at {width}x{height}, at most {most_frames} frames")
     pipeline = common.load_weights(VideoReconstruction.load, args.weights)
     try:
         restored = pipeline(frames)

@@ -48,6 +48,15 @@ class Server:
         self.runner = JobRunner(self.sessions, settings, pipelines, self.storage)
         self.webhooks = WebhookSender(self.sessions, settings)
         self.created = int(db.now())
+        self.remove_orphaned_files()
+
+    def remove_orphaned_files(self) -> None:
+        """A server stopped between a delete's commit and the removal of the files leaves them
+        behind with no video to reach them by; the next start removes them."""
+        with db.transaction(self.sessions, write=False) as session:
+            known = set(session.scalars(select(db.Video.id)))
+        for video_id in self.storage.video_ids() - known:
+            self.storage.remove(video_id)
 
     # -- what a request asks for ------------------------------------------------------------------
 
@@ -124,12 +133,25 @@ def authenticated_key(request: Request, server: Annotated[Server, Depends(get_se
     return key
 
 
+async def read_bounded_body(request: Request) -> None:
+    """Read the body, refusing it (413) once it passes MAX_BODY_BYTES: by its declared length, or,
+    for a chunked body that declares none, as it arrives. Parsing then reads the cached body."""
+    too_large = ApiError(413, f"The request body is larger than {MAX_BODY_BYTES // 2**20} MB.", code="request_too_large")
+    declared_length = request.headers.get("content-length", "0")
+    if declared_length.isdigit() and int(declared_length) > MAX_BODY_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    request._body = bytes(body)  # where Request.body() caches it, and json() and form() look first
+
+
 async def request_fields(request: Request) -> dict:
     """A JSON object, or form fields with OpenAI's bracketed names (`input_reference[image_url]`)
     folded into nested objects; anything else is a 400."""
-    declared_length = request.headers.get("content-length", "0")
-    if declared_length.isdigit() and int(declared_length) > MAX_BODY_BYTES:
-        raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES // 2**20} MB.", code="request_too_large")
+    await read_bounded_body(request)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         try:

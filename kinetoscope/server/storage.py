@@ -33,6 +33,10 @@ class VideoStorage:
         Image.fromarray(frames[len(frames) // 2]).save(folder / VARIANTS["thumbnail"][0], quality=90)
         Image.fromarray(spritesheet(frames)).save(folder / VARIANTS["spritesheet"][0], quality=90)
 
+    def video_ids(self) -> set[str]:
+        """The videos that have files here."""
+        return {folder.name for folder in self.root.iterdir() if folder.is_dir()} if self.root.is_dir() else set()
+
     def remove(self, video_id: str) -> None:
         shutil.rmtree(self.root / video_id, ignore_errors=True)
 
