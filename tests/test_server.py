@@ -302,16 +302,28 @@ def test_too_many_unfinished_jobs_give_429_until_one_finishes(tmp_path):
     db.dispose(sessions)
 
 
-def test_the_rate_limiter_refills_over_a_minute():
+def test_the_rate_limiter_refills_over_a_minute(monkeypatch):
     class Key:
         id, name = 1, "erin"
 
+    clock = [1000.0]
+    monkeypatch.setattr(access.time, "monotonic", lambda: clock[0])
     limiter = access.RateLimiter(per_minute=2)
     limiter.take(Key)
     limiter.take(Key)
     with pytest.raises(ApiError) as refused:
         limiter.take(Key)
-    assert refused.value.status == 429 and 0 < int(refused.value.headers["retry-after"]) <= 30
+    assert refused.value.status == 429 and int(refused.value.headers["retry-after"]) == 30
+    clock[0] += 29  # one request refills in 30 s
+    with pytest.raises(ApiError):
+        limiter.take(Key)
+    clock[0] += 1
+    limiter.take(Key)
+    clock[0] += 600  # a long pause refills the burst, but no more than it
+    limiter.take(Key)
+    limiter.take(Key)
+    with pytest.raises(ApiError):
+        limiter.take(Key)
 
 
 # -- bad requests ---------------------------------------------------------------------------------
