@@ -316,6 +316,3 @@ def _read_webp(path: Path, max_frames: int | None) -> tuple[list[np.ndarray], fl
                 break
     total_s = sum(durations_ms) / 1000
     return frames, len(frames) / total_s if total_s > 0 else STILL_IMAGE_FPS
-
-
-# ---------------------------------------------------------------------------------------------

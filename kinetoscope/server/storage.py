@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kinetoscope.media.frames import evenly_spaced_indices
 from kinetoscope.media.video import write_video
 
 VARIANTS = {  # variant -> (file name, media type)
@@ -43,7 +44,7 @@ class VideoStorage:
 
 def spritesheet(frames: np.ndarray) -> np.ndarray:
     """Up to 16 evenly spaced frames in a grid, row by row; unused cells stay black."""
-    picks = frames[np.unique(np.linspace(0, len(frames) - 1, min(len(frames), SPRITESHEET_MAX_FRAMES)).round().astype(int))]
+    picks = frames[evenly_spaced_indices(len(frames), SPRITESHEET_MAX_FRAMES)]
     columns = min(SPRITESHEET_COLUMNS, len(picks))
     rows = -(-len(picks) // columns)
     _, height, width, channels = picks.shape
