@@ -48,7 +48,7 @@ class DiTConfig:
     local_mixing: bool = False  # a depthwise 3x3 convolution over each step's token grid inside each MLP (SANA's Mix-FFN)
 
 
-MODEL_SIZES = {  # the shipped default is "small" grown to 8 blocks: what a 2-core CPU trains in a few hours and runs in real time
+MODEL_SIZES = {  # the shipped default is "medium"; "small" grown to 8 blocks was before it
     "tiny": dict(dim=128, depth=4, heads=2),
     "small": dict(dim=192, depth=6, heads=3),
     # Wider keeps this CPU's matmuls busier: at 128x128x17 the denoiser reaches 47% of the bf16
