@@ -514,7 +514,7 @@ def test_a_worker_that_lost_its_lease_to_another_never_removes_that_workers_vide
     assert all(storage.path("video_1", variant).is_file() for variant in ("video", "thumbnail", "spritesheet"))
 
 
-def test_files_a_stopped_server_left_behind_for_a_deleted_video_go_at_the_next_start(tmp_path, weights_dir):
+def test_files_a_stopped_server_left_behind_for_deleted_videos_and_downloads_go_at_the_next_start(tmp_path, weights_dir):
     from kinetoscope.pipelines.text_to_video import TextToVideo
     from kinetoscope.server.app import Server
     from kinetoscope.server.settings import ServerSettings
@@ -528,5 +528,43 @@ def test_files_a_stopped_server_left_behind_for_a_deleted_video_go_at_the_next_s
     for video_id in ("video_kept", "video_deleted"):
         (settings.videos_dir / video_id).mkdir(parents=True)
         (settings.videos_dir / video_id / "video.mp4").write_bytes(b"frames")
+    (settings.videos_dir / ".downloads").mkdir()
+    (settings.videos_dir / ".downloads" / "stale-video.mp4").write_bytes(b"frames")  # a download cut off by the stop
     Server(settings, [TextToVideo.load(weights_dir)])
     assert sorted(p.name for p in settings.videos_dir.iterdir()) == ["video_kept"]
+
+
+def test_a_download_that_a_delete_overtakes_still_sends_the_whole_file(tmp_path, weights_dir, monkeypatch):
+    from fastapi.responses import FileResponse
+    from fastapi.testclient import TestClient
+
+    from kinetoscope.pipelines.text_to_video import TextToVideo
+    from kinetoscope.server.app import create_app
+    from kinetoscope.server.settings import ServerSettings
+    from kinetoscope.server.storage import DOWNLOADS
+
+    settings = ServerSettings(data_dir=tmp_path)
+    secret = access.create_key(db.open_database(settings.database), "artist").secret
+    app = create_app(settings, [TextToVideo.load(weights_dir)])
+    with db.transaction(app.state.server.sessions) as session:
+        session.add(db.Video(id="video_1", key_id=session.scalar(select(db.ApiKey.id)), status="completed", prompt="a red circle",
+                             model="kinetoscope-shapes", seconds="1", width=32, height=32, frames=9, seed=1, steps=2, guidance=4.0))
+    mp4 = bytes(range(256)) * 64
+    (settings.videos_dir / "video_1").mkdir(parents=True)
+    (settings.videos_dir / "video_1" / "video.mp4").write_bytes(mp4)
+
+    send_file = FileResponse.__call__
+
+    async def delete_lands_before_the_bytes_go_out(response, scope, receive, send):
+        app.state.server.storage.remove("video_1")
+        await send_file(response, scope, receive, send)
+
+    monkeypatch.setattr(FileResponse, "__call__", delete_lands_before_the_bytes_go_out)
+    headers = {"Authorization": f"Bearer {secret}"}
+    with TestClient(app) as http:
+        whole = http.get("/v1/videos/video_1/content", headers=headers)
+        assert whole.status_code == 200 and whole.content == mp4
+        assert not (settings.videos_dir / "video_1").exists()
+        assert list((settings.videos_dir / DOWNLOADS).iterdir()) == []  # the link went with the response
+        gone = http.get("/v1/videos/video_1/content", headers=headers)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "video_not_found"

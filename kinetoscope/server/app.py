@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from sqlalchemy import delete, select
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
 from kinetoscope.pipelines.text_to_video import MAX_SIDE
@@ -52,11 +53,13 @@ class Server:
 
     def remove_orphaned_files(self) -> None:
         """A server stopped between a delete's commit and the removal of the files leaves them
-        behind with no video to reach them by; the next start removes them."""
+        behind with no video to reach them by, and one stopped mid-download leaves its download
+        links; the next start removes both."""
         with db.transaction(self.sessions, write=False) as session:
             known = set(session.scalars(select(db.Video.id)))
         for video_id in self.storage.video_ids() - known:
             self.storage.remove(video_id)
+        self.storage.remove_download_links()
 
     # -- what a request asks for ------------------------------------------------------------------
 
@@ -271,10 +274,10 @@ def download_video_content(video_id: str, key: KeyDep, server: ServerDep,
             raise bad_request(f"Video '{video_id}' is {video.status.replace('_', ' ')}; its content is available once "
                               "it has completed.", "video_id", "video_not_ready")
         access.record(session, key.name, "video.download", video_id, variant)
-    path = server.storage.path(video_id, variant)
-    if not path.is_file():  # deleted between the check and here
+    link = server.storage.link_for_download(video_id, variant)
+    if link is None:  # deleted since the check
         raise not_found(video_id)
-    return FileResponse(path, media_type=VARIANTS[variant][1])
+    return FileResponse(link, media_type=VARIANTS[variant][1], background=BackgroundTask(link.unlink, missing_ok=True))
 
 
 @router.post("/videos/{video_id}/remix", response_model=VideoObject)

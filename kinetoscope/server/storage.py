@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ VARIANTS = {  # variant -> (file name, media type)
 }
 SPRITESHEET_COLUMNS = 4
 SPRITESHEET_MAX_FRAMES = 16
+DOWNLOADS = ".downloads"  # under the root; not a video
 
 
 class VideoStorage:
@@ -36,10 +39,28 @@ class VideoStorage:
 
     def video_ids(self) -> set[str]:
         """The videos that have files here."""
-        return {folder.name for folder in self.root.iterdir() if folder.is_dir()} if self.root.is_dir() else set()
+        if not self.root.is_dir():
+            return set()
+        return {folder.name for folder in self.root.iterdir() if folder.is_dir() and folder.name != DOWNLOADS}
 
     def remove(self, video_id: str) -> None:
         shutil.rmtree(self.root / video_id, ignore_errors=True)
+
+    def link_for_download(self, video_id: str, variant: str) -> Path | None:
+        """A private hard link to a variant's file, or None once the file is gone. A response sent
+        from the link survives a delete that removes the video's folder while the bytes go out."""
+        links = self.root / DOWNLOADS
+        links.mkdir(parents=True, exist_ok=True)
+        link = links / f"{uuid.uuid4().hex}-{VARIANTS[variant][0]}"
+        try:
+            os.link(self.path(video_id, variant), link)
+        except FileNotFoundError:
+            return None
+        return link
+
+    def remove_download_links(self) -> None:
+        """Links a stopped server was still sending from."""
+        shutil.rmtree(self.root / DOWNLOADS, ignore_errors=True)
 
 
 def spritesheet(frames: np.ndarray) -> np.ndarray:
