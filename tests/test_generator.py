@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kinetoscope.cli import main
+from kinetoscope.cli import common, main
 from kinetoscope.data.dataset import DEFAULT_BUCKETS, Bucket, ShapesWorldDataset
 from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, euler_sample, heun_sample, shift_time, stochastic_sample
 from kinetoscope.media.video import video_info
@@ -372,6 +372,8 @@ def test_generate_cli_other_frame_rates_keep_the_duration(weights_dir, tmp_path)
         ["a red circle", "-o", "x.txt"],
         ["a red circle", "-o", "x.mp4", "--seed", str(2**64)],
         ["a red circle", "-o", "x.mp4", "--guidance", "nan"],
+        ["a red circle", "-o", "x.mp4", "--guidance", "-1"],
+        ["a red circle", "-o", "x.mp4", "--guidance", "31"],
         ["a red circle", "-o", "x.mp4", "--fps", "0.000001"],
     ],
 )
@@ -381,6 +383,27 @@ def test_generate_cli_bad_inputs_exit_2_with_one_line(weights_dir, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_unwritable_outputs_are_refused_before_any_generation(weights_dir, tmp_path, capsys, monkeypatch):
+    from kinetoscope.cli import generate
+
+    monkeypatch.setattr(generate, "load_pipeline", lambda weights: pytest.fail("loaded the model for an output it cannot write"))
+    (tmp_path / "clip.mp4").mkdir()
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    for command in (["generate", "a red circle", "-o", str(tmp_path / "clip.mp4")],
+                    ["generate", "a red circle", "-o", str(tmp_path / "notes.txt" / "clip.mp4")],
+                    ["eval", "--per-tier", "1", "--report", str(tmp_path / "notes.txt" / "report.json")],
+                    ["eval", "--per-tier", "1", "--report", str(tmp_path)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error" in err, err
+
+
+def test_the_api_refuses_out_of_range_guidance_and_fractional_steps(pipe):
+    for settings in ({"guidance": float("nan")}, {"guidance": -1.0}, {"guidance": 1e30}, {"steps": 2.5}, {"steps": True}):
+        with pytest.raises(ValueError):
+            pipe("a red circle", width=32, height=32, frames=5, **settings)
 
 
 def test_bench_counts_the_attention_flops_the_math_backend_spells_out(pipe):
@@ -399,6 +422,24 @@ def test_bench_cli_reports_every_figure_the_issue_asks_for(weights_dir, capsys):
     out = capsys.readouterr().out
     for figure in ("seconds per clip:", "text", "denoise", "decode", "real-time factor:", "of the bf16 matmul rate", "peak memory:"):
         assert figure in out
+
+
+def test_bench_runs_with_a_compact_text_encoder_and_pays_for_every_prompt(weights_dir, tmp_path, monkeypatch, capsys):
+    """A lent GPU has only the compact copy, whose vocabulary is Shapes World's: the bench's own
+    prompts and probes must stay inside it; and text encoding is timed uncached on every run."""
+    from kinetoscope.eval import bench
+    from kinetoscope.models import text_encoder
+
+    compact = text_encoder.write_compact_copy(tmp_path / "compact", [bench.WARM_UP_PROMPT, *bench.BENCH_PROMPTS, common.PROBE_PROMPT])
+    monkeypatch.setenv(text_encoder.MODEL_DIR_VARIABLE, str(compact))
+    encoded = []
+    run_model = text_encoder.TextEncoder._run_model
+    monkeypatch.setattr(text_encoder.TextEncoder, "_run_model", lambda self, prompts, n: encoded.extend(prompts) or run_model(self, prompts, n))
+    repeats = len(bench.BENCH_PROMPTS) + 2
+    assert main(["bench", "--weights", str(weights_dir), "--size", "32x32", "--steps", "1", "--repeats", str(repeats)]) == 0
+    assert "seconds per clip:" in capsys.readouterr().out
+    timed = [prompt for prompt in encoded if prompt in bench.BENCH_PROMPTS]
+    assert len(timed) >= repeats  # none of the timed runs found its prompt cached
 
 
 def test_without_a_working_compiler_generation_goes_on_eagerly_and_bench_compile_says_why(weights_dir, tmp_path):
@@ -450,17 +491,20 @@ def test_generate_cli_corrupt_checkpoint_is_one_line(weights_dir, tmp_path, caps
 class RenderingPipe:
     """A stand-in generator that draws each prompt's true scene, or a blank canvas for `blank`."""
 
-    fps = 8.0
+    def __init__(self, scenes: dict, blank: bool = False, fps: float = 8.0):
+        self.scenes, self.blank, self.fps = scenes, blank, fps
+        self.lengths = set()  # the frame counts asked for
 
-    def __init__(self, scenes: dict, blank: bool = False):
-        self.scenes, self.blank = scenes, blank
+    def frames_for(self, seconds: float) -> int:
+        return 1 + round(seconds * self.fps)
 
-    def __call__(self, prompt, **settings):
+    def __call__(self, prompt, frames=17, **settings):
         from types import SimpleNamespace
 
         from kinetoscope.data import world
 
-        frames = world.render(self.scenes[prompt], 128, 128, 17, self.fps)
+        self.lengths.add(frames)
+        frames = world.render(self.scenes[prompt], 128, 128, frames, self.fps)
         return SimpleNamespace(frames=np.zeros_like(frames) if self.blank else frames, fps=self.fps)
 
 
@@ -486,6 +530,10 @@ def test_eval_scores_true_renders_right_and_blank_ones_wrong(monkeypatch):
     truth = generation.evaluate_generator(RenderingPipe(scenes), per_tier=4)
     assert {tier: scores["prompts"] for tier, scores in truth["tiers"].items()} == dict.fromkeys(generation.TIERS, 4)
     assert all(scores["fully_right"] >= 0.75 for scores in truth["tiers"].values()), truth["failures"]
+    faster = RenderingPipe(scenes, fps=16.0)
+    scored = generation.evaluate_generator(faster, per_tier=4)
+    assert faster.lengths == {33}  # the scenes' 2 seconds at the model's own frame rate
+    assert all(scores["fully_right"] >= 0.75 for scores in scored["tiers"].values()), scored["failures"]
     blank = generation.evaluate_generator(RenderingPipe(scenes, blank=True), per_tier=4)
     assert all(scores["fully_right"] == 0 for scores in blank["tiers"].values())
     assert len(blank["failures"]) == 8 and all(scores["attributes"]["count"] == 0 for scores in blank["tiers"].values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import warnings
 from pathlib import Path
@@ -20,6 +21,9 @@ class ErrorExitParser(argparse.ArgumentParser):
 
 
 MIN_FPS, MAX_FPS = 1.0, 120.0
+MAX_GUIDANCE = 30.0  # text_to_video.MAX_GUIDANCE, named here so --help needs no torch
+# What request checks and compile warm-ups send: words every text encoder has, compact copies included.
+PROBE_PROMPT = "a red circle moves to the right"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -53,6 +57,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def guidance_scale(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {text!r}")
+    return value
+
+
 def frame_rate(text: str) -> float:
     value = positive_float(text)
     if not MIN_FPS <= value <= MAX_FPS:
@@ -79,6 +90,22 @@ def whole_number_in(low: int, high: int | None = None):
 seed = whole_number_in(0, 2**63 - 1)
 positive_int = whole_number_in(1)
 sampling_steps = whole_number_in(1, 1000)  # text_to_video.MAX_STEPS, named here so --help needs no torch
+
+
+def check_writable_file(path: str | Path, option: str) -> Path:
+    """Refuse an output path before any work is done for it, rather than after: a folder, or a
+    place where no file can be made (an existing parent the user cannot write, or a file in the way)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; name a file")
+    parent = path.absolute().parent
+    while not parent.exists():  # missing folders will be made under the nearest existing one
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: cannot write in {parent}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path}: the file exists and is not writable")
+    return path
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, default_recipe: str):
@@ -116,6 +143,6 @@ def compile_and_warm_up(pipe, width: int, height: int, frames: int, guidance: fl
     what follows does not wait for the compiler; a machine where it cannot compile gets one line."""
     with warnings.catch_warnings():  # the pipeline warns and goes on eagerly; here the user asked for compiling
         warnings.simplefilter("ignore")
-        pipe.compile()("warm-up", width=width, height=height, frames=frames, steps=2, guidance=guidance)
+        pipe.compile()(PROBE_PROMPT, width=width, height=height, frames=frames, steps=2, guidance=guidance)
     if pipe.compile_failure:
         raise UsageError(f"torch.compile could not compile the transformer ({pipe.compile_failure}); run without --compile")

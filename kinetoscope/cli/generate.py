@@ -16,7 +16,7 @@ def register(subparsers):
     generate.add_argument("--fps", type=common.frame_rate, default=8.0)
     generate.add_argument("--seed", type=common.seed, default=0)
     generate.add_argument("--steps", type=common.sampling_steps, default=20)
-    generate.add_argument("--guidance", type=common.finite_float, default=4.0)
+    generate.add_argument("--guidance", type=common.guidance_scale, default=4.0)
     generate.add_argument("--sampler", choices=("euler", "heun", "stochastic"), default="stochastic")  # rectified_flow.SAMPLERS, named here so --help needs no torch
     generate.add_argument("--weights", help="generator folder (default: the shipped model)")
     generate.set_defaults(handler=run_generate)
@@ -28,7 +28,7 @@ def register(subparsers):
     evaluate = subparsers.add_parser("eval", help="generate held-out prompts and score them with the judge")
     evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
     evaluate.add_argument("--steps", type=common.sampling_steps, default=20)
-    evaluate.add_argument("--guidance", type=common.finite_float, default=4.0)
+    evaluate.add_argument("--guidance", type=common.guidance_scale, default=4.0)
     evaluate.add_argument("--weights", help="generator folder (default: the shipped model)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
     evaluate.set_defaults(handler=run_eval)
@@ -37,7 +37,7 @@ def register(subparsers):
     bench.add_argument("--size", type=common.parse_size, default=(128, 128))
     bench.add_argument("--seconds", type=common.positive_float, default=2.0)
     bench.add_argument("--steps", type=common.sampling_steps, default=20)
-    bench.add_argument("--guidance", type=common.finite_float, default=4.0)
+    bench.add_argument("--guidance", type=common.guidance_scale, default=4.0)
     bench.add_argument("--repeats", type=common.positive_int, default=5)
     bench.add_argument("--weights", help="generator folder (default: the shipped model)")
     bench.add_argument("--compile", action="store_true", help="time the transformer compiled by torch.compile (as `serve --compile` runs it)")
@@ -74,12 +74,13 @@ def retime(frames, source_fps: float, target_fps: float, seconds: float):
 def run_generate(args) -> int:
     from tqdm import tqdm
 
-    from kinetoscope.media.video import VIDEO_SUFFIXES, VideoError, write_video
+    from kinetoscope.media.video import VIDEO_SUFFIXES, write_video
 
     output = Path(args.output)
     image = output.suffix.lower() == ".png"
     if not image and output.suffix.lower() not in VIDEO_SUFFIXES:
         raise common.UsageError(f"output must end in .png, {', '.join(VIDEO_SUFFIXES)}; got {output.name!r}")
+    common.check_writable_file(output, "--output")
     pipe = load_pipeline(args.weights)
     width, height = args.size
     frames = checked_frames(pipe, args.prompt, width, height, None if image else args.seconds)
@@ -90,7 +91,7 @@ def run_generate(args) -> int:
     result = video.frames if image else retime(video.frames, video.fps, args.fps, args.seconds)
     try:
         write_video(output, result, args.fps)
-    except (ValueError, VideoError, OSError) as error:
+    except (ValueError, OSError) as error:  # VideoError is a ValueError
         raise common.UsageError(f"cannot write {output}: {error}") from None
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
     print(f"wrote {output}: {len(result)} frame(s) of {width}x{height} at {args.fps:g} fps, seed {args.seed} ({timing})")
@@ -109,7 +110,9 @@ def run_eval(args) -> int:
     from tqdm import tqdm
 
     from kinetoscope.eval.generation import TIERS, evaluate_generator
+    from kinetoscope.media.frames import atomic_output
 
+    report = common.check_writable_file(args.report, "--report") if args.report else None
     pipe = load_pipeline(args.weights)
     with tqdm(total=args.per_tier * len(TIERS), desc="held-out prompts", unit="clip") as bar:
         result = evaluate_generator(pipe, args.per_tier, {"steps": args.steps, "guidance": args.guidance},
@@ -119,9 +122,13 @@ def run_eval(args) -> int:
         print(f"{tier}: {scores['fully_right']:.1%} of {scores['prompts']} prompts fully right; per attribute: {attributes}")
     for item, failed in result["failures"][:10]:
         print(f"  failed [{item.tier}] {item.prompt!r}: {'; '.join(failed)}")
-    if args.report:
+    if report is not None:
         failures = [{"tier": item.tier, "prompt": item.prompt, "failed": failed} for item, failed in result["failures"]]
-        Path(args.report).write_text(json.dumps({"tiers": result["tiers"], "failures": failures}, indent=2) + "\n")
+        try:
+            with atomic_output(report) as temporary:
+                temporary.write_text(json.dumps({"tiers": result["tiers"], "failures": failures}, indent=2) + "\n")
+        except OSError as error:
+            raise common.UsageError(f"cannot write {report}: {error}") from None
     return 0
 
 
@@ -130,7 +137,7 @@ def run_bench(args) -> int:
 
     pipe = load_pipeline(args.weights)
     width, height = args.size
-    frames = checked_frames(pipe, "bench", width, height, args.seconds)
+    frames = checked_frames(pipe, common.PROBE_PROMPT, width, height, args.seconds)
     if args.compile:
         common.compile_and_warm_up(pipe, width, height, frames, args.guidance)
     r = benchmark_generation(pipe, width, height, frames, args.steps, args.guidance, args.repeats)

@@ -26,7 +26,7 @@ def register(subparsers):
     serve.add_argument("--weights", help="generator folder (default: the shipped model)")
     serve.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     serve.add_argument("--steps", type=common.sampling_steps, default=20, help="sampling steps per video")
-    serve.add_argument("--guidance", type=common.finite_float, default=4.0)
+    serve.add_argument("--guidance", type=common.guidance_scale, default=4.0)
     serve.add_argument("--compile", action="store_true",
                        help="compile the transformer with torch.compile at start-up (slower start, faster videos)")
     serve.add_argument("--default-size", type=common.parse_size, default=(128, 128), help="size when a request names none")
@@ -111,7 +111,7 @@ def run_serve(args) -> int:
     width, height = settings.default_size
     frames = pipelines[0].frames_for(settings.default_seconds)
     try:
-        pipelines[0].check_request("a default request", width, height, frames)
+        pipelines[0].check_request(common.PROBE_PROMPT, width, height, frames)
     except ValueError as error:
         raise common.UsageError(f"--default-size: {error}") from None
     open_sessions(args)  # a bad database is one line here, not a traceback from inside uvicorn

@@ -16,6 +16,7 @@ from kinetoscope.data import captions, world
 from kinetoscope.eval.judge import judge
 
 EVAL_SEED = 777
+EVAL_SECONDS = 2.0  # every held-out scene lasts this long
 TIERS = {
     "unseen combinations": (captions.HELDOUT_SCENES, "train"),
     "unseen phrasings": (captions.TRAIN_SCENES, "heldout"),
@@ -28,7 +29,7 @@ class EvalPrompt:
     prompt: str
 
 
-def held_out_prompts(per_tier: int, seed: int = EVAL_SEED, seconds: float = 2.0) -> list[EvalPrompt]:
+def held_out_prompts(per_tier: int, seed: int = EVAL_SEED, seconds: float = EVAL_SECONDS) -> list[EvalPrompt]:
     rng = np.random.default_rng(seed)
     prompts = []
     for tier, (constraints, split) in TIERS.items():
@@ -40,7 +41,7 @@ def held_out_prompts(per_tier: int, seed: int = EVAL_SEED, seconds: float = 2.0)
 
 def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, progress=None) -> dict:
     """{tier: {"prompts", "fully_right", "attributes": {name: pass rate}}} and the failures."""
-    settings = settings or {}
+    settings = {"frames": pipe.frames_for(EVAL_SECONDS), **(settings or {})}  # the scenes' length at the model's frame rate
     passed = defaultdict(list)
     attributes = defaultdict(lambda: defaultdict(list))
     failures = []

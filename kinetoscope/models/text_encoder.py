@@ -109,6 +109,7 @@ class TextEncoder:
         # (max_tokens, prompt) -> (L_i, dim) states. max_tokens is part of the key because a
         # truncated prompt is re-encoded, not cut: every token attends to the whole input.
         self._cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
+        self._cache_lock = threading.Lock()  # a pipeline may encode from several threads
 
     @classmethod
     def load(cls, device: str | torch.device = "cpu", model_dir: str | Path | None = None) -> "TextEncoder":
@@ -140,17 +141,23 @@ class TextEncoder:
             raise ValueError("encode needs at least one prompt")
         if max_tokens < 2:
             raise ValueError(f"max_tokens must leave room for [CLS] and [SEP], got {max_tokens}")
-        uncached = [p for p in dict.fromkeys(prompts) if (max_tokens, p) not in self._cache]
+        with self._cache_lock:  # taken before encoding: eviction cannot drop a state this batch needs
+            cached = {p: self._lookup(max_tokens, p) for p in dict.fromkeys(prompts) if (max_tokens, p) in self._cache}
+        uncached = [p for p in dict.fromkeys(prompts) if p not in cached]
         fresh = self._run_model(uncached, max_tokens) if uncached else {}
-        # Gather before storing the fresh states, so eviction cannot drop a state this batch needs.
-        per_prompt = [fresh[p] if p in fresh else self._lookup(max_tokens, p) for p in prompts]
-        for prompt, states in fresh.items():
-            self._store(max_tokens, prompt, states)
+        with self._cache_lock:
+            for prompt, states in fresh.items():
+                self._store(max_tokens, prompt, states)
+        per_prompt = [fresh[p] if p in fresh else cached[p] for p in prompts]
 
         lengths = torch.tensor([states.shape[0] for states in per_prompt], device=self.device)
         states = torch.nn.utils.rnn.pad_sequence(per_prompt, batch_first=True)  # a new tensor: callers can't touch the cache
         mask = torch.arange(states.shape[1], device=self.device) < lengths[:, None]
         return states, mask
+
+    def clear_cache(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
 
     def check_prompt(self, prompt: str) -> None:
         """Raise ValueError unless `encode` would take the prompt whole: at most MAX_TOKENS tokens

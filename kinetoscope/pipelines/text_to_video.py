@@ -34,6 +34,7 @@ MAX_PROMPT_CHARS = 1000
 MAX_SIDE = 512
 MAX_FRAMES = 129  # 16 s at 8 fps
 MAX_STEPS = 1000
+MAX_GUIDANCE = 30.0  # far past any useful scale; beyond it velocities blow up and frames saturate
 COMPILED_TEXT_MULTIPLE = 32  # prompt tokens padded to a multiple of this, so most prompts share one compiled graph
 
 
@@ -133,8 +134,10 @@ class TextToVideo:
         self.check_request(prompt, width, height, frames)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        if not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps must be between 1 and {MAX_STEPS}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+        if not 0 <= guidance <= MAX_GUIDANCE:  # NaN fails this too
+            raise ValueError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance!r}")
         timings = {}
         start = self._clock()
         text, mask = (v.to(self.device) for v in self.text_encoder.encode([prompt]))
