@@ -109,6 +109,26 @@ def test_recipes_are_checked_before_training(tmp_path):
         wrong_recipe.write_text(TINY_RECIPE.replace(table, wrong))
         with pytest.raises(RecipeError, match=message):
             train(str(wrong_recipe), output=str(tmp_path / "run"))
+    misspelt_or_unfit = (
+        ('overrides = { depth = 1 }', 'overrides = { depth = 1 }\ndepth = 4', "no setting depth"),  # outside overrides
+        ("seed = 3", "seed = 3\nbucket_weigths = [1, 2]", "no setting bucket_weigths"),
+        ("[eval]", "[evaluation]\nsteps = 1\n\n[eval]", "unknown table"),
+        ('buckets = ["32x32x1", "32x32x5"]', 'buckets = ["40x40x5"]', "40x40x5 does not fit"),  # latents 5x5: no 2x2 patches
+        ('buckets = ["32x32x1", "32x32x5"]', 'buckets = ["32x32x4"]', "32x32x4 does not fit"),
+        ("seed = 3", "seed = 3\nbucket_weights = [1]", "bucket_weights"),
+        ("seed = 3", "seed = 3\nbucket_weights = [1, -1]", "bucket_weights"),
+        ("log_every = 1", "log_every = 0", "log_every"),
+        ("checkpoint_minutes = 100", "checkpoint_minutes = 0", "checkpoint_minutes"),
+        ("steps = 1\nguidance", "steps = 0\nguidance", "\\[eval\\] steps"),
+        ("guidance = 2.0", 'guidance = "high"', "guidance"),
+        ("depth = 1 }", "depth = 1, heads = 3 }", "head size"),
+    )
+    for table, wrong, message in misspelt_or_unfit:
+        wrong_recipe = tmp_path / "wrong.toml"
+        assert table in TINY_RECIPE
+        wrong_recipe.write_text(TINY_RECIPE.replace(table, wrong, 1))
+        with pytest.raises(RecipeError, match=message):
+            train(str(wrong_recipe), output=str(tmp_path / "run"))
     for bad in ("0", "2.5", "true"):
         reused = tmp_path / f"reuse_{bad}.toml"
         reused.write_text(TINY_RECIPE.replace("reuse = 2\n", f"reuse = {bad}\n"))
@@ -177,6 +197,14 @@ def test_train_cli_bad_recipe_is_one_line(tmp_path, capsys, command):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_autoencoder_trainer_refuses_torchrun(tmp_path, capsys, monkeypatch):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_AUTOENCODER_RECIPE)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["ae", "train", "--recipe", str(recipe), "--output", str(tmp_path / "run")]) == 2
+    assert "without torchrun" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_generator_training_resumes_and_exports_a_loadable_model(tmp_path):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(TINY_RECIPE)
@@ -192,6 +220,12 @@ def test_generator_training_resumes_and_exports_a_loadable_model(tmp_path):
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # finite, not NaN
     assert json.loads((output / "checkpoint" / "state.json").read_text())["step"] == 4
     assert (output / "checkpoint" / "model.safetensors").read_bytes() != first_checkpoint
+    optimizer_state = torch.load(output / "checkpoint" / "optimizer.pt", weights_only=True)["state"]
+    assert {int(state["step"]) for state in optimizer_state.values()} == {4}  # the optimizer carried on, not restarted
+    other = tmp_path / "other.toml"
+    other.write_text(TINY_RECIPE.replace("lr = 1e-3", "lr = 2e-3"))
+    with pytest.raises(RecipeError, match=r"different recipe \(\[train\] lr differ"):
+        train(str(other), output=str(output), steps=5)
     assert (output / "loss.png").stat().st_size > 0 and list((output / "samples").glob("*.png"))
 
     config = json.loads((final / "config.json").read_text())
@@ -260,7 +294,7 @@ TINY_AUTOENCODER_RECIPE = """
 latent_channels = 8
 widths = [12, 24]
 blocks_per_level = 1
-""" + TINY_RECIPE[TINY_RECIPE.index("[data]"):TINY_RECIPE.index("[eval]")]
+""" + TINY_RECIPE[TINY_RECIPE.index("[data]"):TINY_RECIPE.index("[eval]")].replace("caption_dropout = 0.5\n", "").replace("ema_decay = 0.9\n", "")
 
 
 def test_a_decoder_fine_tune_keeps_the_latent_space(tmp_path):

@@ -84,6 +84,8 @@ class ShapesWorldDataset(IterableDataset):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
         self.buckets = tuple(buckets)
         weights = np.ones(len(self.buckets)) if bucket_weights is None else np.asarray(bucket_weights, float)
+        if weights.shape != (len(self.buckets),) or not np.all(np.isfinite(weights)) or weights.min() < 0 or weights.sum() <= 0:
+            raise ValueError(f"bucket_weights must be {len(self.buckets)} numbers >= 0 (one per bucket, not all 0), not {bucket_weights!r}")
         self.bucket_probs = weights / weights.sum()
         self.pixels_per_batch = pixels_per_batch
         self.max_batch_size = max_batch_size

@@ -47,6 +47,12 @@ class DiTConfig:
     self_condition: bool = False  # also sees its own previous estimate of the clean latents
     local_mixing: bool = False  # a depthwise 3x3 convolution over each step's token grid inside each MLP (SANA's Mix-FFN)
 
+    def __post_init__(self):
+        self.patch = tuple(self.patch)
+        if self.dim % self.heads or (self.dim // self.heads) % 2 or self.dim // self.heads < 6:
+            raise ValueError(f"dim {self.dim} over {self.heads} heads must give an even head size of at least 6 "
+                             "(rotary positions turn pairs of features, at least one pair per axis)")
+
 
 MODEL_SIZES = {  # the shipped default is "medium"; "small" grown to 8 blocks was before it
     "tiny": dict(dim=128, depth=4, heads=2),

@@ -9,6 +9,8 @@ latent statistics and exports the shippable weights to OUTPUT/final.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,8 +25,16 @@ from kinetoscope.eval.reconstruction import heldout_clips, psnr
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from kinetoscope.models.checkpoint import config_from_dict
 from kinetoscope.models.precision import autocast_for
-from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, learning_rate, load_recipe,
-                                         recipe_dataset, reuse_setting, run_progress)
+from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, check_train_settings,
+                                         learning_rate, load_recipe, recipe_dataset, replace_folder, resumed_recipe_check,
+                                         reuse_setting, run_progress)
+
+REQUIRED = {"model": (), "data": DATA_KEYS, "train": TRAIN_KEYS}
+KNOWN = {
+    "model": None,  # the autoencoder's config names its own settings
+    "data": (*DATA_KEYS, "bucket_weights", "max_batch_size"),
+    "train": (*TRAIN_KEYS, "minutes", "reuse", "l1_weight", "freeze_encoder"),
+}
 
 
 def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor, l1_weight: float = 1.0) -> torch.Tensor:
@@ -75,8 +85,11 @@ def save_training_model(model: VideoAutoencoder, directory: Path):
 
 
 def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None) -> Path:
-    recipe = load_recipe(recipe_path, {"model": (), "data": DATA_KEYS, "train": TRAIN_KEYS})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would train the same and write the same folder
+        raise RecipeError("the autoencoder trains in one process; run `kinetoscope ae train` without torchrun")
+    recipe = load_recipe(recipe_path, REQUIRED, KNOWN)
     settings = recipe["train"]
+    check_train_settings(settings)
     reuse = reuse_setting(settings)
     l1_weight = settings.get("l1_weight", 1.0)
     if isinstance(l1_weight, bool) or not isinstance(l1_weight, (int, float)) or l1_weight < 0:
@@ -97,6 +110,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     step, carried = 0, 0.0
     run.recover()
     if run.has_checkpoint():
+        resumed_recipe_check(json.loads((run.checkpoint / "state.json").read_text()).get("recipe", recipe), recipe, run.checkpoint)
         model.load_state_dict(load_file(run.checkpoint / "model.safetensors", device=str(device)))
         state = run.load_state(optimizer)
         step, carried = state["step"], state["elapsed_s"]
@@ -112,7 +126,13 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 
     last_checkpoint = time.monotonic()
     bar = tqdm(total=total_steps, initial=step, desc="autoencoder", dynamic_ncols=True)
-    stream = iter(torch.utils.data.DataLoader(recipe_dataset(recipe["data"], step, with_captions=False), batch_size=None, num_workers=settings["workers"]))
+    dataset = recipe_dataset(recipe["data"], step, with_captions=False)
+    for bucket in dataset.buckets:  # fail now, not when the bucket is first drawn
+        try:
+            model.latent_shape(bucket.frames, bucket.height, bucket.width)
+        except ValueError as error:
+            raise RecipeError(f"[data] buckets: {bucket} does not fit this autoencoder ({error})") from None
+    stream = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=settings["workers"]))
     pool = BatchPool(lambda: next(stream), reuse, seed=settings["seed"] * 1_000_003 + step)
     if step == 0 and recipe["model"].get("init"):
         evaluate(model, eval_video, run, step)  # where the weights it continues from stand
@@ -133,7 +153,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
-        optimizer.step()
+        if torch.isfinite(grad_norm):  # one overflowing batch must not poison the weights and the next checkpoint
+            optimizer.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", bucket=str(batch["bucket"]))
@@ -179,9 +200,10 @@ def export(model: VideoAutoencoder, recipe: dict, run: RunDirectory, step: int, 
         mean, std = latent_statistics(model, recipe)
         model.latent_mean.copy_(mean)
         model.latent_std.copy_(std)
-    final = run.root / "final"
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    model.to(torch.bfloat16).save_pretrained(final, {"trained_steps": step, "wall_time_s": round(elapsed), "hardware": hardware})
+    model.to(torch.bfloat16)
+    final = replace_folder(run.root / "final", lambda folder: model.save_pretrained(
+        folder, {"trained_steps": step, "wall_time_s": round(elapsed), "hardware": hardware}))
     model.float()
     print(f"exported weights to {final} after {step} steps, {elapsed / 60:.1f} min")
     return final

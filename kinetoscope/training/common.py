@@ -23,8 +23,11 @@ class RecipeError(ValueError):
     """A recipe that is missing, not TOML, or lacks a setting its trainer needs."""
 
 
-def load_recipe(path: str | Path, required: dict[str, tuple[str, ...]] | None = None, _extending: tuple = ()) -> dict:
-    """Read a TOML recipe and check that every `required` table has its keys.
+def load_recipe(path: str | Path, required: dict[str, tuple[str, ...]] | None = None, known: dict | None = None,
+                _extending: tuple = ()) -> dict:
+    """Read a TOML recipe and check that every `required` table has its keys, and that it has no
+    table or setting beyond `known` ({table: its settings, or None where another check names them}):
+    a misspelt setting would otherwise be ignored, and the run would train something else.
 
     A recipe that continues another names it with a top-level `extends = "other.toml"` (relative
     to its own folder) and states only what changes: each of its tables updates the other's
@@ -44,7 +47,7 @@ def load_recipe(path: str | Path, required: dict[str, tuple[str, ...]] | None = 
         base_name = recipe.pop("extends")
         if not isinstance(base_name, str):
             raise RecipeError(f"{path}: extends must name a recipe file, not {base_name!r}")
-        base = load_recipe(path.parent / base_name, None, (*_extending, path.resolve()))
+        base = load_recipe(path.parent / base_name, None, None, (*_extending, path.resolve()))
         for table, settings in recipe.items():
             if isinstance(settings, dict) and isinstance(base.get(table), dict):
                 base[table] = {**base[table], **settings}
@@ -57,7 +60,27 @@ def load_recipe(path: str | Path, required: dict[str, tuple[str, ...]] | None = 
         missing = [key for key in keys if key not in recipe[table]]
         if missing:
             raise RecipeError(f"{path}: [{table}] lacks {', '.join(missing)}")
+    for table, settings in recipe.items() if known is not None else ():
+        if table not in known or not isinstance(settings, dict):
+            raise RecipeError(f"{path}: unknown table or setting {table!r}; a recipe has the tables "
+                              f"{', '.join(f'[{name}]' for name in known)}")
+        unknown = sorted(set(settings) - set(known[table] or settings))
+        if unknown:
+            raise RecipeError(f"{path}: [{table}] has no setting {', '.join(unknown)}; it takes {', '.join(known[table])}")
     return recipe
+
+
+def check_train_settings(settings: dict):
+    """The [train] numbers every trainer divides or counts by: fail now, not at the first log."""
+    whole = {"steps": 1, "log_every": 1, "eval_every": 1, "warmup": 0, "workers": 0, "seed": 0}
+    for key, low in whole.items():
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise RecipeError(f"[train] {key} must be a whole number of at least {low}, not {value!r}")
+    for key in ("lr", "checkpoint_minutes", *(("minutes",) if "minutes" in settings else ())):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise RecipeError(f"[train] {key} must be a positive number, not {value!r}")
 
 
 def learning_rate(step: int, peak: float, warmup: int, progress: float, floor: float = 0.05) -> float:
@@ -161,18 +184,13 @@ class RunDirectory:
     def save(self, model, optimizer, state: dict, save_model):
         """Write to a temporary folder, then swap it in, so a crash never leaves half a checkpoint."""
         self._recover_interrupted_save()
-        staging = self.root / "checkpoint.tmp"
-        if staging.exists():
-            shutil.rmtree(staging)
-        save_model(model, staging)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        (staging / "state.json").write_text(json.dumps(state, indent=2))
-        previous = self.root / "checkpoint.old"
-        if self.checkpoint.exists():
-            self.checkpoint.rename(previous)
-        staging.rename(self.checkpoint)
-        if previous.exists():
-            shutil.rmtree(previous)
+
+        def write(staging: Path):
+            save_model(model, staging)
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            (staging / "state.json").write_text(json.dumps(state, indent=2))
+
+        replace_folder(self.checkpoint, write)
 
     def load_state(self, optimizer) -> dict:
         optimizer.load_state_dict(torch.load(self.checkpoint / "optimizer.pt", weights_only=True))
@@ -209,6 +227,36 @@ class RunDirectory:
         fig.tight_layout()
         fig.savefig(self.root / "loss.png", dpi=100)
         plt.close(fig)
+
+
+def replace_folder(target: Path, write) -> Path:
+    """Let `write(staging)` make and fill a temporary sibling of `target`, then swap it in: a crash
+    leaves the previous folder whole (as `target` or, between the two renames, as `target.old`)."""
+    staging, previous = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    if staging.exists():
+        shutil.rmtree(staging)
+    write(staging)
+    if target.exists():
+        target.rename(previous)
+    staging.rename(target)
+    if previous.exists():
+        shutil.rmtree(previous)
+    return target
+
+
+def resumed_recipe_check(saved: dict, recipe: dict, checkpoint: Path):
+    """A checkpoint resumes only under the recipe that made it; the budget and bookkeeping may change."""
+    may_change = {"train": {"steps", "minutes", "output", "checkpoint_minutes", "log_every", "eval_every", "workers"}, "eval": None}
+    changed = []
+    for table in sorted(set(saved) | set(recipe)):
+        if table in may_change and may_change[table] is None:
+            continue
+        before, now = saved.get(table, {}), recipe.get(table, {})
+        skip = may_change.get(table, set())
+        changed += [f"[{table}] {key}" for key in sorted((set(before) | set(now)) - skip) if before.get(key) != now.get(key)]
+    if changed:
+        raise RecipeError(f"{checkpoint} was made by a different recipe ({', '.join(changed)} differ); "
+                          "resume with that recipe, or give this one another --output")
 
 
 class Stopwatch:

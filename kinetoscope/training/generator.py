@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,8 @@ from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
-from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, learning_rate, load_recipe,
+from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, check_train_settings,
+                                         learning_rate, load_recipe, replace_folder, resumed_recipe_check,
                                          recipe_dataset, reuse_setting, run_progress)
 
 REQUIRED = {
@@ -39,6 +40,13 @@ REQUIRED = {
     "data": DATA_KEYS,
     "train": (*TRAIN_KEYS, "caption_dropout", "ema_decay"),
     "eval": ("prompts", "steps", "guidance"),
+}
+KNOWN = {
+    "model": ("size", "init", "overrides"),
+    "schedule": tuple(f.name for f in fields(FlowSchedule)),
+    "data": (*DATA_KEYS, "autoencoder", "bucket_weights", "max_batch_size"),
+    "train": (*REQUIRED["train"], "minutes", "reuse"),
+    "eval": REQUIRED["eval"],
 }
 TIME_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # loss is logged per band of t
 SELF_CONDITION_SHARE = 0.5  # of the steps that train a self-conditioned model on its own estimate
@@ -126,13 +134,32 @@ def start_from(model: DiffusionTransformer, directory: str):
     model.load_state_dict(start.float().state_dict(), strict=False)
 
 
-def check_eval_prompts(prompts: list[str]):
-    """The judge scores the samples, so every eval prompt must be in the world's grammar: fail now, not at step 500."""
-    for prompt in prompts:
+def check_eval_settings(settings: dict):
+    """The judge scores the samples, so every eval prompt must be in the world's grammar, and the
+    sampler must take the settings: fail now, not at step 500 (or, at the end, before the export)."""
+    from kinetoscope.pipelines.text_to_video import MAX_GUIDANCE, MAX_STEPS
+
+    if not isinstance(settings["prompts"], list) or not settings["prompts"]:
+        raise RecipeError("[eval] prompts must be a list of at least one prompt")
+    for prompt in settings["prompts"]:
         try:
             parse_prompt(prompt)
-        except PromptError as error:
+        except (PromptError, TypeError) as error:
             raise RecipeError(f"[eval] prompts: {error}") from None
+    steps, guidance = settings["steps"], settings["guidance"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise RecipeError(f"[eval] steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise RecipeError(f"[eval] guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {guidance!r}")
+
+
+def check_buckets(buckets, autoencoder: VideoAutoencoder, model: DiffusionTransformer):
+    """Every bucket must cut into whole latent cells and whole patches: fail now, not when drawn."""
+    for bucket in buckets:
+        try:
+            model.check_latent_shape(*autoencoder.latent_shape(bucket.frames, bucket.height, bucket.width)[1:])
+        except ValueError as error:
+            raise RecipeError(f"[data] buckets: {bucket} does not fit this autoencoder and transformer ({error})") from None
 
 
 def agreed(fraction: float, world_size: int, device: torch.device) -> float:
@@ -155,9 +182,10 @@ def save_checkpoint_model(pair, directory: Path):
 
 
 def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None) -> Path | None:
-    recipe = load_recipe(recipe_path, REQUIRED)
-    check_eval_prompts(recipe["eval"]["prompts"])
+    recipe = load_recipe(recipe_path, REQUIRED, KNOWN)
+    check_eval_settings(recipe["eval"])
     settings = recipe["train"]
+    check_train_settings(settings)
     reuse = reuse_setting(settings)
     total_steps = steps or settings["steps"]
     minutes = minutes if minutes is not None else settings.get("minutes")
@@ -171,6 +199,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     except (OSError, ValueError) as error:
         raise RecipeError(f"[data] autoencoder: {error}") from None
     overrides = {"latent_channels": autoencoder.cfg.latent_channels, **recipe["model"].get("overrides", {})}
+    torch.manual_seed(settings["seed"])  # the starting weights, too, are the recipe's
     try:
         model = DiffusionTransformer(config_for(recipe["model"]["size"], **overrides)).to(device)
     except (TypeError, ValueError) as error:
@@ -183,6 +212,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     if world_size > 1:
         dist.barrier()  # the others read the checkpoint only once it is whole again
     if run.has_checkpoint():
+        resumed_recipe_check(json.loads((run.checkpoint / "state.json").read_text()).get("recipe", recipe), recipe, run.checkpoint)
         model.load_state_dict(load_file(run.checkpoint / "model.safetensors", device=str(device)))
         ema.load_state_dict(load_file(run.checkpoint / "ema.safetensors", device=str(device)))
         state = run.load_state(optimizer)
@@ -208,7 +238,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         to_latents.text_encoder.encode(recipe["eval"]["prompts"])
     except ValueError as error:
         raise RecipeError(f"[eval] prompts: {error}") from None
-    stream = iter(torch.utils.data.DataLoader(recipe_dataset(recipe["data"], step), batch_size=None, num_workers=settings["workers"]))
+    dataset = recipe_dataset(recipe["data"], step)
+    check_buckets(dataset.buckets, autoencoder, unwrap(model))
+    stream = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=settings["workers"]))
 
     def encoded_batch():
         batch = next(stream)
@@ -234,10 +266,11 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
-        optimizer.step()
-        with torch.no_grad():
-            decay = min(settings["ema_decay"], (1 + step) / (10 + step))  # short memory while young
-            torch._foreach_lerp_(list(ema.parameters()), list(unwrap(model).parameters()), 1 - decay)
+        if torch.isfinite(grad_norm):  # one overflowing batch must not poison the weights, the EMA and the next checkpoint
+            optimizer.step()
+            with torch.no_grad():
+                decay = min(settings["ema_decay"], (1 + step) / (10 + step))  # short memory while young
+                torch._foreach_lerp_(list(ema.parameters()), list(unwrap(model).parameters()), 1 - decay)
         if main_process:
             for value, band in zip(per_sample.tolist(), np.digitize(t.tolist(), TIME_BUCKETS[1:-1])):
                 band_losses[band].append(value)
@@ -290,15 +323,18 @@ def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory
 
 def export(ema, recipe: dict, run: RunDirectory, step: int, elapsed: float, device) -> Path:
     """Write the EMA weights (bf16) and the pipeline settings to OUTPUT/final."""
-    final = run.root / "final"
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    copy.deepcopy(ema).to(torch.bfloat16).save_pretrained(
-        final, {"trained_steps": step, "wall_time_s": round(elapsed), "hardware": hardware}
-    )
-    settings = {"fps": recipe["data"]["fps"], "schedule": recipe.get("schedule", {})}
-    if recipe["data"].get("autoencoder"):  # a non-default autoencoder travels with the generator
-        shutil.copytree(recipe["data"]["autoencoder"], final / "autoencoder", dirs_exist_ok=True)
-        settings["autoencoder"] = "autoencoder"
-    (final / "pipeline.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+    def write(folder: Path):
+        copy.deepcopy(ema).to(torch.bfloat16).save_pretrained(
+            folder, {"trained_steps": step, "wall_time_s": round(elapsed), "hardware": hardware}
+        )
+        settings = {"fps": recipe["data"]["fps"], "schedule": recipe.get("schedule", {})}
+        if recipe["data"].get("autoencoder"):  # a non-default autoencoder travels with the generator
+            shutil.copytree(recipe["data"]["autoencoder"], folder / "autoencoder")
+            settings["autoencoder"] = "autoencoder"
+        (folder / "pipeline.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+    final = replace_folder(run.root / "final", write)
     print(f"exported weights to {final} after {step} steps, {elapsed / 60:.1f} min")
     return final
