@@ -106,6 +106,15 @@ def test_bounce_falls_then_rises():
     assert max(np.nonzero(mask_of(video[lowest], "red"))[0]) <= 127  # reaches, never crosses, the floor
 
 
+def test_every_shape_bounces_on_the_same_floor():
+    """The floor is where the shape's lowest point turns: a triangle's base, not its circumradius."""
+    floors = {}
+    for shape in world.SHAPES:
+        video = world.render(single(shape=shape, motion="bounce", start=(0.5, 0.3)), 128, 128, 33, 16)
+        floors[shape] = max(np.nonzero(mask_of(frame, "red"))[0].max() for frame in video)
+    assert max(floors.values()) - min(floors.values()) <= 1, floors
+
+
 def test_spin_turns_clockwise_a_full_turn_in_two_seconds():
     video = world.render(single(shape="triangle", motion="spin"), 128, 128, 17, 8)
     apex_up, quarter = mask_of(video[0], "red"), mask_of(video[4], "red")  # t = 0 and 0.5 s

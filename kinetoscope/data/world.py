@@ -106,6 +106,12 @@ def _bounding_radius(shape: str, spinning: bool) -> float:
     return 1.0 / math.sqrt(3.0)  # triangle: circumradius around the centroid
 
 
+def _extent_below(shape: str) -> float:
+    """From the centre down to the lowest point, per unit of width: where a bounce meets the floor.
+    An apex-up triangle's base lies at half its circumradius below the centroid."""
+    return 0.5 / math.sqrt(3.0) if shape == "triangle" else _bounding_radius(shape, False)
+
+
 def trajectory(obj: ShapeObject, canvas: tuple[float, float], times: np.ndarray, duration: float):
     """Centre (x, y), width and clockwise angle of `obj` at `times`, in short-side units.
 
@@ -124,7 +130,7 @@ def trajectory(obj: ShapeObject, canvas: tuple[float, float], times: np.ndarray,
         x = x + dx * SPEEDS[obj.speed] * times
         y = y + dy * SPEEDS[obj.speed] * times
     elif obj.motion == "bounce":
-        drop = ch - MARGIN - width0 * _bounding_radius(obj.shape, False) - y0
+        drop = ch - MARGIN - width0 * _extent_below(obj.shape) - y0
         y = y + _bounce_offset(times, max(drop, 0.0))
     angle = 2 * math.pi * times / SPIN_PERIOD_S if obj.motion == "spin" else np.zeros_like(times)
     return x, y, width, angle
