@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from kinetoscope.data.captions import PromptError, parse_prompt
 from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, predicted_clean, velocity_target
-from kinetoscope.models.autoencoder import VideoAutoencoder
+from kinetoscope.models.autoencoder import VideoAutoencoder, default_weights_dir
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
@@ -329,10 +329,10 @@ def export(ema, recipe: dict, run: RunDirectory, step: int, elapsed: float, devi
         copy.deepcopy(ema).to(torch.bfloat16).save_pretrained(
             folder, {"trained_steps": step, "wall_time_s": round(elapsed), "hardware": hardware}
         )
-        settings = {"fps": recipe["data"]["fps"], "schedule": recipe.get("schedule", {})}
-        if recipe["data"].get("autoencoder"):  # a non-default autoencoder travels with the generator
-            shutil.copytree(recipe["data"]["autoencoder"], folder / "autoencoder")
-            settings["autoencoder"] = "autoencoder"
+        # The autoencoder it was trained with travels with it, the default one too: a later default
+        # with other latents must not decode this generator's.
+        shutil.copytree(recipe["data"].get("autoencoder") or default_weights_dir(), folder / "autoencoder")
+        settings = {"fps": recipe["data"]["fps"], "schedule": recipe.get("schedule", {}), "autoencoder": "autoencoder"}
         (folder / "pipeline.json").write_text(json.dumps(settings, indent=2) + "\n")
 
     final = replace_folder(run.root / "final", write)
