@@ -156,6 +156,30 @@ def test_rejects_mismatched_attributes():
     assert failed_checks(compare(observation, cases["count"])) >= {"red circles: count"}
 
 
+def test_one_wrong_member_of_a_group_is_not_outvoted():
+    """A group is right only when every member is: its shape and size are judged object by object."""
+    starts = ((0.2, 0.3), (0.5, 0.7), (0.8, 0.3))
+    squares = scene_of(*(thing(shape="square", start=start) for start in starts))
+    assert_recognised(squares)
+    odd_shape = scene_of(*(thing(shape="square", start=start) for start in starts[:2]), thing(shape="circle", start=starts[2]))
+    assert failed_checks(judge(render(odd_shape), squares, FPS)) == {"red squares: shape"}
+    odd_size = scene_of(*(thing(shape="square", start=start) for start in starts[:2]), thing(shape="square", size="large", start=starts[2]))
+    assert failed_checks(judge(render(odd_size), squares, FPS)) == {"red squares: size"}
+
+
+def test_speed_is_not_read_off_an_object_that_does_not_travel():
+    sliding = scene_of(thing(motion="left", speed="slow", start=(0.7, 0.5)))
+    assert_recognised(sliding)
+    still = render(changed(sliding, motion="still", speed=None))
+    assert failed_checks(judge(still, sliding, FPS)) == {"red circle: motion", "red circle: speed"}
+
+
+def test_an_anticlockwise_turn_is_not_the_world_spin():
+    spinning = scene_of(thing(shape="square", motion="spin"))
+    backwards = render(spinning)[:, :, ::-1]  # mirrored left to right: the same turn, anticlockwise
+    assert "red square: motion" in failed_checks(judge(backwards, spinning, FPS))
+
+
 def test_rejects_an_extra_object():
     red, blue = thing(color="red", start=(0.3, 0.5)), thing(color="blue", shape="square", start=(0.7, 0.5))
     verdict = judge(render(scene_of(red, blue)), scene_of(red), FPS)

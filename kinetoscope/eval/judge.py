@@ -40,7 +40,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from kinetoscope.data.world import BACKGROUNDS, COLORS, SHRINK_FACTOR, SIZES, SPEEDS, Scene, ShapeObject
+from kinetoscope.data.world import BACKGROUNDS, COLORS, LINEAR_MOTIONS, SHRINK_FACTOR, SIZES, SPEEDS, Scene, ShapeObject
 
 PALETTE = {**COLORS, **BACKGROUNDS}
 PALETTE_NAMES = tuple(PALETTE)
@@ -398,8 +398,8 @@ def _classify_motion(blobs: list[Blob], shape: str, duration: float) -> tuple[st
         return "grow", f"area x{growth:.2f}"
     if growth < SHRUNK:
         return "shrink", f"area x{growth:.2f}"
-    if turn is not None and abs(turn) > SPUN * scale:
-        return "spin", f"turned {math.degrees(abs(turn)):.0f} degrees {'clockwise' if turn > 0 else 'anticlockwise'}"
+    if turn is not None and abs(turn) > SPUN * scale:  # the world's spin is clockwise
+        return ("spin" if turn > 0 else "unclear"), f"turned {math.degrees(abs(turn)):.0f} degrees {'clockwise' if turn > 0 else 'anticlockwise'}"
     if travel < STILL * scale and 1 / STEADY_AREA < growth < STEADY_AREA:
         return "still", f"travel {travel:.2f}"
     return "unclear", f"travel {travel:.2f}, area x{growth:.2f}"
@@ -463,14 +463,18 @@ def _object_checks(observation: ClipObservation, obj: ShapeObject, count: int) -
 
 
 def _shape(seen: ColourObservation, expected: str) -> tuple[str, bool]:
+    """The colour's pooled shape, and each object's own: one wrong member of a group is not outvoted."""
     observed = f"{seen.shape} (triangularity {seen.triangularity:.2f}, squareness {seen.squareness:.2f})"
-    return observed, seen.shape == expected
+    if len({track.shape for track in seen.tracks}) > 1:
+        observed += f"; by object: {', '.join(track.shape for track in seen.tracks)}"
+    return observed, seen.shape == expected and all(track.shape == expected for track in seen.tracks)
 
 
 def _size(seen: ColourObservation, expected: str) -> tuple[str, bool]:
-    width = float(np.median([track.start_width for track in seen.tracks]))
-    size = min(SIZES, key=lambda name: abs(width - SIZES[name]))
-    return f"{size} (width {width:.2f})", size == expected
+    """Every object's own size, from its width at the start."""
+    sizes = [min(SIZES, key=lambda name: abs(track.start_width - SIZES[name])) for track in seen.tracks]
+    observed = "; ".join(f"{size} (width {track.start_width:.2f})" for size, track in zip(sizes, seen.tracks))
+    return observed, all(size == expected for size in sizes)
 
 
 def _motion(seen: ColourObservation, expected: str) -> tuple[str, bool]:
@@ -487,6 +491,8 @@ def _speed(seen: ColourObservation, expected: str) -> tuple[str, bool]:
     """Net travel per second, the nearest of world.md's speeds (defined for left, right, up and down)."""
     if any(track.speed is None for track in seen.tracks):
         return "not checkable (a single frame shows no motion)", False
+    if any(track.motion not in LINEAR_MOTIONS for track in seen.tracks):  # a still object is not "slow"
+        return "; ".join(f"no travel to time ({track.motion})" for track in seen.tracks), False
     classes = [min(SPEEDS, key=lambda name: abs(track.speed - SPEEDS[name])) for track in seen.tracks]
     observed = "; ".join(f"{name} ({track.speed:.2f} per second)" for name, track in zip(classes, seen.tracks))
     return observed, all(name == expected for name in classes)
