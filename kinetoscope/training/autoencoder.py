@@ -9,7 +9,6 @@ latent statistics and exports the shippable weights to OUTPUT/final.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import replace
@@ -26,7 +25,7 @@ from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from kinetoscope.models.checkpoint import config_from_dict
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, check_train_settings,
-                                         learning_rate, load_recipe, recipe_dataset, replace_folder, resumed_recipe_check,
+                                         check_buckets, learning_rate, load_recipe, recipe_dataset, replace_folder,
                                          reuse_setting, run_progress)
 
 REQUIRED = {"model": (), "data": DATA_KEYS, "train": TRAIN_KEYS}
@@ -110,7 +109,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     step, carried = 0, 0.0
     run.recover()
     if run.has_checkpoint():
-        resumed_recipe_check(json.loads((run.checkpoint / "state.json").read_text()).get("recipe", recipe), recipe, run.checkpoint)
+        run.check_resumable(recipe)
         model.load_state_dict(load_file(run.checkpoint / "model.safetensors", device=str(device)))
         state = run.load_state(optimizer)
         step, carried = state["step"], state["elapsed_s"]
@@ -127,11 +126,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     last_checkpoint = time.monotonic()
     bar = tqdm(total=total_steps, initial=step, desc="autoencoder", dynamic_ncols=True)
     dataset = recipe_dataset(recipe["data"], step, with_captions=False)
-    for bucket in dataset.buckets:  # fail now, not when the bucket is first drawn
-        try:
-            model.latent_shape(bucket.frames, bucket.height, bucket.width)
-        except ValueError as error:
-            raise RecipeError(f"[data] buckets: {bucket} does not fit this autoencoder ({error})") from None
+    check_buckets(dataset.buckets, model)
     stream = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=settings["workers"]))
     pool = BatchPool(lambda: next(stream), reuse, seed=settings["seed"] * 1_000_003 + step)
     if step == 0 and recipe["model"].get("init"):

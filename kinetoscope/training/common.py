@@ -192,6 +192,11 @@ class RunDirectory:
 
         replace_folder(self.checkpoint, write)
 
+    def check_resumable(self, recipe: dict):
+        """Refuse to resume this run's checkpoint under another recipe than the one that made it."""
+        saved = json.loads((self.checkpoint / "state.json").read_text()).get("recipe", recipe)
+        resumed_recipe_check(saved, recipe, self.checkpoint)
+
     def load_state(self, optimizer) -> dict:
         optimizer.load_state_dict(torch.load(self.checkpoint / "optimizer.pt", weights_only=True))
         return json.loads((self.checkpoint / "state.json").read_text())
@@ -242,6 +247,17 @@ def replace_folder(target: Path, write) -> Path:
     if previous.exists():
         shutil.rmtree(previous)
     return target
+
+
+def check_buckets(buckets, autoencoder, transformer=None):
+    """Every bucket must cut into whole latent cells (and the transformer's patches): fail now, not when drawn."""
+    for bucket in buckets:
+        try:
+            latent_shape = autoencoder.latent_shape(bucket.frames, bucket.height, bucket.width)
+            if transformer is not None:
+                transformer.check_latent_shape(*latent_shape[1:])
+        except ValueError as error:
+            raise RecipeError(f"[data] buckets: {bucket} does not fit this model ({error})") from None
 
 
 def resumed_recipe_check(saved: dict, recipe: dict, checkpoint: Path):

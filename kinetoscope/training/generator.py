@@ -32,7 +32,7 @@ from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
 from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, check_train_settings,
-                                         learning_rate, load_recipe, replace_folder, resumed_recipe_check,
+                                         check_buckets, learning_rate, load_recipe, replace_folder,
                                          recipe_dataset, reuse_setting, run_progress)
 
 REQUIRED = {
@@ -153,15 +153,6 @@ def check_eval_settings(settings: dict):
         raise RecipeError(f"[eval] guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {guidance!r}")
 
 
-def check_buckets(buckets, autoencoder: VideoAutoencoder, model: DiffusionTransformer):
-    """Every bucket must cut into whole latent cells and whole patches: fail now, not when drawn."""
-    for bucket in buckets:
-        try:
-            model.check_latent_shape(*autoencoder.latent_shape(bucket.frames, bucket.height, bucket.width)[1:])
-        except ValueError as error:
-            raise RecipeError(f"[data] buckets: {bucket} does not fit this autoencoder and transformer ({error})") from None
-
-
 def agreed(fraction: float, world_size: int, device: torch.device) -> float:
     """The furthest any rank is through the budget, so all ranks stop (and anneal) together."""
     if world_size == 1:
@@ -212,7 +203,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     if world_size > 1:
         dist.barrier()  # the others read the checkpoint only once it is whole again
     if run.has_checkpoint():
-        resumed_recipe_check(json.loads((run.checkpoint / "state.json").read_text()).get("recipe", recipe), recipe, run.checkpoint)
+        run.check_resumable(recipe)
         model.load_state_dict(load_file(run.checkpoint / "model.safetensors", device=str(device)))
         ema.load_state_dict(load_file(run.checkpoint / "ema.safetensors", device=str(device)))
         state = run.load_state(optimizer)
