@@ -191,7 +191,7 @@ def test_every_sampler_lands_on_a_single_clean_sample():
             visited.append((x, t))
             return (x - x0) / t[:, None]
 
-        out = sampler(velocity, noise, times, generator=torch.Generator().manual_seed(0))
+        out = sampler(velocity, noise, times, draw_noise=torch.randn)
         torch.testing.assert_close(out, x0, msg=name)
         assert len(visited) >= len(times) - 1
         if name != "stochastic":  # deterministic samplers stay on the straight path from the noise to x0 at every step
@@ -207,7 +207,8 @@ def test_the_stochastic_sampler_is_euler_without_churn_and_seeded_with_it():
     torch.testing.assert_close(stochastic_sample(curved, noise, times, churn=0.0), euler_sample(curved, noise, times))
 
     def run(seed):
-        return stochastic_sample(curved, noise, times, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        return stochastic_sample(curved, noise, times, draw_noise=lambda shape: torch.randn(shape, generator=generator))
 
     torch.testing.assert_close(run(1), run(1))
     assert not torch.allclose(run(1), run(2))
@@ -238,6 +239,40 @@ def test_shift_grows_with_token_count_and_keeps_the_ends():
     big = schedule.sample_training_times(4000, 1280, torch.Generator().manual_seed(0))
     small = schedule.sample_training_times(4000, 80, torch.Generator().manual_seed(0))
     assert 0 < small.min() and big.max() < 1 and big.mean() > small.mean() + 0.1
+
+
+def test_noise_can_share_part_of_its_variance_across_latent_steps():
+    shape = (64, 8, 5, 6, 6)  # (B, C, T, H, W)
+    assert torch.equal(FlowSchedule().noise(shape, torch.Generator().manual_seed(1)),
+                       torch.randn(shape, generator=torch.Generator().manual_seed(1)))  # older models keep their videos
+    noise = FlowSchedule(frame_correlation=0.5).noise(shape, torch.Generator().manual_seed(1))
+    assert abs(noise.var().item() - 1) < 0.02
+    across_time = torch.corrcoef(torch.stack([noise[:, :, 0].flatten(), noise[:, :, 4].flatten()]))[0, 1]
+    across_space = torch.corrcoef(torch.stack([noise[:, :, 0, 0].flatten(), noise[:, :, 0, 3].flatten()]))[0, 1]
+    assert abs(across_time - 0.5) < 0.03 and abs(across_space) < 0.05
+    for wrong in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="frame_correlation"):
+            FlowSchedule(frame_correlation=wrong)
+
+
+def test_training_and_sampling_draw_the_schedules_noise(pipe, text_encoder, monkeypatch):
+    drawn = []
+    real_noise = FlowSchedule.noise
+
+    def spy(self, shape, generator=None):
+        drawn.append((self.frame_correlation, tuple(shape)))
+        return real_noise(self, shape, generator)
+
+    monkeypatch.setattr(FlowSchedule, "noise", spy)
+    correlated = TextToVideo(pipe.transformer, pipe.autoencoder, text_encoder, FlowSchedule(frame_correlation=0.5))
+    a = correlated("a red circle moves left", width=32, height=32, frames=5, steps=3, seed=3)
+    assert drawn == [(0.5, (1, 8, 2, 4, 4))] * 4  # the start, then fresh noise at each stochastic step
+    assert np.array_equal(a.frames, correlated("a red circle moves left", width=32, height=32, frames=5, steps=3, seed=3).frames)
+    assert not np.array_equal(a.frames, pipe("a red circle moves left", width=32, height=32, frames=5, steps=3, seed=3).frames)
+    drawn.clear()
+    latents, text, mask = torch.randn(2, 8, 2, 4, 4), *text_encoder.encode(["a red circle", "a blue square"])
+    diffusion_loss(pipe.transformer, latents, text, mask, FlowSchedule(frame_correlation=0.3), caption_dropout=0.0)
+    assert drawn == [(0.3, (2, 8, 2, 4, 4))]
 
 
 # -- the pipeline -----------------------------------------------------------------------------------

@@ -123,6 +123,7 @@ def test_recipes_are_checked_before_training(tmp_path):
         ("steps = 1\nguidance", "steps = 0\nguidance", "\\[eval\\] steps"),
         ("guidance = 2.0", 'guidance = "high"', "guidance"),
         ("depth = 1 }", "depth = 1, heads = 3 }", "head size"),
+        ("[eval]", "[schedule]\nframe_correlation = 1.0\n\n[eval]", "frame_correlation"),
     )
     for table, wrong, message in misspelt_or_unfit:
         wrong_recipe = tmp_path / "wrong.toml"

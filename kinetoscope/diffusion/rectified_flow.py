@@ -8,6 +8,12 @@ at a given noise level, so it needs more time at high noise (SD3's resolution-de
 Sampling integrates dx/dt = v from t=1 to t=0 with Euler or Heun over the same shifted times, or
 takes stochastic steps that renew part of the noise at every step (the rectified-flow form of
 ancestral sampling), which forgets rather than compounds an imperfect model's early errors.
+
+The noise may share part of its variance across a clip's latent steps (`frame_correlation`, the
+"mixed noise" of Ge et al., "Preserve Your Own Correlation", 2023): the frames of a clip are alike,
+and independent noise per latent step lets a model decide the layout of each step on its own at
+high noise (one object fading out where another fades in). Training and sampling must draw the
+same noise, so the setting travels with the model in pipeline.json.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Callable
 import torch
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t of shape (B,)) -> v
+NoiseFn = Callable[[torch.Size], torch.Tensor]  # shape -> standard normal noise of that shape
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,20 @@ class FlowSchedule:
     logit_std: float = 1.0
     reference_tokens: int = 80  # tokens of a 64x64, 17-frame clip: shift 1 there
     max_shift: float = 4.0
+    frame_correlation: float = 0.0  # share of the noise's variance common to all latent steps of a clip
+
+    def __post_init__(self):
+        if not 0 <= self.frame_correlation < 1:  # NaN fails this too
+            raise ValueError(f"frame_correlation must be at least 0 and below 1, not {self.frame_correlation!r}")
+
+    def noise(self, shape, generator=None) -> torch.Tensor:
+        """Standard normal noise for latents (B, C, T, H, W) whose latent steps correlate by
+        `frame_correlation`; with 0, exactly torch.randn(shape), so older models keep their videos."""
+        independent = torch.randn(shape, generator=generator)
+        if not self.frame_correlation:
+            return independent
+        shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator)  # one draw for every latent step
+        return math.sqrt(1 - self.frame_correlation) * independent + math.sqrt(self.frame_correlation) * shared
 
     def shift(self, tokens: int) -> float:
         return min(self.max_shift, max(1.0 / self.max_shift, math.sqrt(tokens / self.reference_tokens)))
@@ -58,7 +79,7 @@ def predicted_clean(x_t: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor) 
     return x_t - t.reshape(-1, *([1] * (x_t.dim() - 1))) * velocity
 
 
-def euler_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None, generator=None) -> torch.Tensor:
+def euler_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None, draw_noise: NoiseFn = torch.randn) -> torch.Tensor:
     x = noise
     for i in range(len(times) - 1):
         t, t_next = times[i], times[i + 1]
@@ -68,7 +89,7 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor,
     return x
 
 
-def heun_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None, generator=None) -> torch.Tensor:
+def heun_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None, draw_noise: NoiseFn = torch.randn) -> torch.Tensor:
     """Second order: average the slopes at both ends of each step (Euler on the last, where t=0)."""
     x = noise
     for i in range(len(times) - 1):
@@ -85,17 +106,18 @@ def heun_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, 
     return x
 
 
-def stochastic_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None, generator=None,
-                      churn: float = 0.5) -> torch.Tensor:
+def stochastic_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor, on_step=None,
+                      draw_noise: NoiseFn = torch.randn, churn: float = 0.5) -> torch.Tensor:
     """Predict the clean sample and the noise from v, then rebuild x at the next time from that
-    prediction with a `churn` share of the noise variance drawn afresh (from `generator`, so the
-    same seed still gives the same video). churn = 0 is Euler exactly."""
+    prediction with a `churn` share of the noise variance drawn afresh (by `draw_noise`: seeded, so
+    the same seed still gives the same video, and shaped like the model's training noise).
+    churn = 0 is Euler exactly."""
     x = noise
     for i in range(len(times) - 1):
         t, t_next = times[i], times[i + 1]
         v = velocity(x, t.expand(x.shape[0]))
         clean, predicted_noise = predicted_clean(x, v, t), x + (1 - t) * v
-        fresh = torch.randn(x.shape, generator=generator).to(x.device)
+        fresh = draw_noise(x.shape).to(x.device)
         renewed = math.sqrt(1 - churn) * predicted_noise + math.sqrt(churn) * fresh
         x = (1 - t_next) * clean + t_next * renewed
         if on_step is not None:

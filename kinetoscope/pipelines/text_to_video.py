@@ -166,11 +166,15 @@ class TextToVideo:
     def denoise(self, text, mask, latent_shape, steps: int, guidance: float, seed: int, sampler: str, on_step=None):
         """Seeded noise (1, *latent_shape) carried to clean latents by the sampler."""
         generator = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn((1, *latent_shape), generator=generator).to(self.device)
+
+        def draw_noise(shape):
+            return self.schedule.noise(shape, generator)
+
+        noise = draw_noise((1, *latent_shape)).to(self.device)
         velocity = self.guided_velocity(text, mask, guidance)
         times = self.schedule.sampling_times(steps, self.transformer.token_count(latent_shape), device=self.device)
         with autocast_for(self.device):  # one context for every step, so the weights are cast to bf16 once
-            return SAMPLERS[sampler](velocity, noise, times, on_step, generator=generator)
+            return SAMPLERS[sampler](velocity, noise, times, on_step, draw_noise=draw_noise)
 
     def _clock(self) -> float:
         """Wall time once queued GPU work is done, so stage timings are honest on CUDA too."""

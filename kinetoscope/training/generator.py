@@ -95,7 +95,7 @@ def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_d
     """Velocity MSE per sample (B,), and the times it was drawn at."""
     b = latents.shape[0]
     t = schedule.sample_training_times(b, unwrap(model).token_count(latents.shape), generator=generator).to(latents.device)
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    noise = schedule.noise(latents.shape, generator).to(latents.device)
     drop = (torch.rand(b, generator=generator) < caption_dropout).to(latents.device)
     text, mask = unwrap(model).drop_text(text, mask, drop)
     noisy = add_noise(latents, noise, t)
@@ -178,6 +178,10 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     settings = recipe["train"]
     check_train_settings(settings)
     reuse = reuse_setting(settings)
+    try:
+        schedule = FlowSchedule(**recipe.get("schedule", {}))
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"[schedule]: {error}") from None
     total_steps = steps or settings["steps"]
     minutes = minutes if minutes is not None else settings.get("minutes")
     rank, world_size = start_distributed()
@@ -220,10 +224,6 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     clock = Stopwatch(carried)
-    try:
-        schedule = FlowSchedule(**recipe.get("schedule", {}))
-    except TypeError as error:
-        raise RecipeError(f"[schedule]: {error}") from None
     to_latents = LatentBatches(autoencoder, TextEncoder.load(device), device)
     try:  # a compact text encoder (on a machine without the wheel) may lack a word: fail now, not at step 500
         to_latents.text_encoder.encode(recipe["eval"]["prompts"])
