@@ -147,7 +147,7 @@ def run_bench(args) -> int:
     print(f"seconds per clip: {r['total_s']:.3f} ({stages})")
     print(f"real-time factor: {r['real_time_factor']:.2f}x (clip seconds / wall seconds)")
     print(f"denoiser: {r['denoiser_flops_per_s'] / 1e9:.0f} GFLOP/s = {r['fraction_of_matmul_rate']:.0%} of the "
-          f"bf16 matmul rate measured now ({r['bf16_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)")
+          f"{r['compute_dtype']} matmul rate measured now ({r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)")
     where = "allocated by the timed generations" if pipe.device.type == "cuda" else "the process's peak resident memory, loading included"
     print(f"peak memory: {r['peak_memory_mib']:.0f} MiB ({where})")
     return 0

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from kinetoscope.models.precision import compute_dtype
+
 # Prompts of different lengths and words; the encoder's cache is cleared before each timed run, so
 # every run pays for encoding as a new prompt would.
 WARM_UP_PROMPT = "an orange square moves down on a white background"
@@ -31,7 +33,7 @@ def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None,
 ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
 
 
-def matmul_rate(dtype=torch.bfloat16, size: int = 2048, seconds: float = 1.0, device="cpu") -> float:
+def matmul_rate(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0, device="cpu") -> float:
     """This machine's dense matmul throughput in FLOP/s, for comparing the denoiser against."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
@@ -81,14 +83,16 @@ def benchmark_generation(pipe, width=128, height=128, frames=17, steps=20, guida
     total = sum(stages.values())
     clip_seconds = (frames - 1) / pipe.fps
     flops = denoiser_flops(pipe, width, height, frames, guidance) * steps
-    peak = matmul_rate(device=pipe.device.type)
+    dtype = compute_dtype(pipe.device)
+    peak = matmul_rate(dtype, device=pipe.device.type)
     return {
         "clip": f"{width}x{height}, {frames} frames ({clip_seconds:g} s at {pipe.fps:g} fps), {steps} steps, guidance {guidance:g}",
         "stages_s": stages,
         "total_s": total,
         "real_time_factor": clip_seconds / total,
         "denoiser_flops_per_s": flops / stages["denoise"],
-        "bf16_matmul_flops_per_s": peak,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "matmul_flops_per_s": peak,
         "fraction_of_matmul_rate": flops / stages["denoise"] / peak,
         "peak_memory_mib": memory,
     }

@@ -173,7 +173,7 @@ class TextToVideo:
         noise = draw_noise((1, *latent_shape)).to(self.device)
         velocity = self.guided_velocity(text, mask, guidance)
         times = self.schedule.sampling_times(steps, self.transformer.token_count(latent_shape), device=self.device)
-        with autocast_for(self.device):  # one context for every step, so the weights are cast to bf16 once
+        with autocast_for(self.device):  # one context for every step, so the weights are cast to the compute dtype once
             return SAMPLERS[sampler](velocity, noise, times, on_step, draw_noise=draw_noise)
 
     def _clock(self) -> float:
