@@ -634,8 +634,8 @@ def test_only_a_self_conditioned_transformer_takes_an_estimate():
 
 
 def test_models_compute_in_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
-    """Emulated bf16 matmuls run about 100x slower than fp32 on an AVX2 CPU, so autocast there would
-    make every model crawl; with AVX-512 BF16 or AMX they run several times faster than fp32."""
+    """Emulated bf16 matmuls run about 100x slower than fp32 on an AVX2 CPU, so autocast there makes
+    every model crawl; with AVX-512 BF16 or AMX they run several times faster than fp32."""
     from kinetoscope.models import precision
 
     flags = Path("/proc/cpuinfo").read_text().split()
