@@ -647,3 +647,92 @@ def test_models_compute_in_bf16_only_where_the_cpu_multiplies_it_natively(monkey
         with precision.autocast_for(cpu):
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
     assert precision.compute_dtype(torch.device("cuda")) == torch.bfloat16
+
+
+# -- guidance distillation --------------------------------------------------------------------------
+
+
+def distilled_student(teacher, guidance_range=(1.0, 6.0)):
+    """A guidance-distilled copy of `teacher`, its guidance input still silent."""
+    student = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=2, distilled_guidance=guidance_range)).eval()
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    return student
+
+
+def test_a_distilled_transformer_takes_the_guidance_scale_and_others_refuse_it():
+    teacher = tiny_transformer()
+    student = distilled_student(teacher)
+    x, t, text, mask = torch.randn(2, 8, 2, 4, 4), torch.rand(2), torch.randn(2, 3, 384), torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="needs the guidance scale"):
+            student(x, t, text, mask)
+        with pytest.raises(ValueError, match="not guidance-distilled"):
+            teacher(x, t, text, mask, guidance=torch.full((2,), 4.0))
+        # Silent at first: the student is its teacher's conditional model at every scale.
+        for scale in (1.0, 4.0):
+            torch.testing.assert_close(student(x, t, text, mask, guidance=torch.full((2,), scale)), teacher(x, t, text, mask))
+        for p in student.guidance_mlp.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        assert not torch.allclose(student(x, t, text, mask, guidance=torch.full((2,), 1.0)),
+                                  student(x, t, text, mask, guidance=torch.full((2,), 4.0)))
+    with pytest.raises(ValueError, match="distilled_guidance"):
+        config_for("tiny", distilled_guidance=(4.0, 2.0))
+
+
+def test_distillation_targets_the_teachers_guided_velocity(text_encoder):
+    from kinetoscope.training.generator import distillation_loss
+
+    teacher = tiny_transformer()
+    student = distilled_student(teacher)
+    latents = torch.randn(3, 8, 2, 4, 4)
+    text, mask = text_encoder.encode(["a red circle moves left", "two blue squares", "a pink disc grows"])
+    schedule = FlowSchedule()
+
+    def loss(scale):  # the same times and noise every call; only the scale differs
+        per_sample, t = distillation_loss(student, teacher, latents, text, mask, schedule, (scale, scale), torch.Generator().manual_seed(0))
+        return per_sample
+
+    # The silent student gives the conditional velocity v_c; the target v_u + g (v_c - v_u) is off
+    # from it by (g - 1)(v_c - v_u): nothing at g = 1, nine times as much squared at 4 as at 2.
+    with torch.no_grad():
+        assert loss(1.0).max() < 1e-10
+        torch.testing.assert_close(loss(4.0), 9 * loss(2.0))
+    # A few steps on the same batch learn the correction.
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    before = distillation_loss(student, teacher, latents, text, mask, schedule, (1.0, 6.0), torch.Generator().manual_seed(1))[0].mean().item()
+    for _ in range(30):
+        step_loss = distillation_loss(student, teacher, latents, text, mask, schedule, (1.0, 6.0), torch.Generator().manual_seed(1))[0].mean()
+        optimizer.zero_grad()
+        step_loss.backward()
+        optimizer.step()
+    assert step_loss.item() < 0.5 * before
+
+
+def test_a_distilled_pipeline_takes_one_pass_per_step_and_only_its_guidance_range(text_encoder, monkeypatch):
+    torch.manual_seed(0)
+    pipe = TextToVideo(distilled_student(tiny_transformer(), (1.0, 5.0)), VideoAutoencoder(TINY_AE), text_encoder)
+    seen = []
+
+    def fake_velocity(x, t, text, mask, clean_estimate=None, guidance=None):
+        seen.append((x.shape[0], guidance.tolist()))
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(pipe.transformer, "forward", fake_velocity)
+    pipe("a red circle", width=32, height=32, frames=1, steps=3, guidance=4.0)
+    assert seen == [(1, [4.0])] * 3  # the prompt alone, with the scale, once per step
+    for scale in (0.5, 5.5):
+        with pytest.raises(ValueError, match="between 1 and 5 for this model"):
+            pipe("a red circle", width=32, height=32, frames=1, steps=1, guidance=scale)
+
+
+def test_the_cli_refuses_a_guidance_the_distilled_model_does_not_know(tmp_path, capsys):
+    weights = tmp_path / "distilled"
+    distilled_student(tiny_transformer(), (1.0, 5.0)).save_pretrained(weights)
+    VideoAutoencoder(TINY_AE).save_pretrained(tmp_path / "autoencoder")
+    (weights / "pipeline.json").write_text(json.dumps({"autoencoder": "../autoencoder", "fps": 8.0}))
+    for command in (["generate", "a red circle", "-o", str(tmp_path / "x.mp4")], ["eval", "--per-tier", "1"],
+                    ["bench", "--repeats", "1"]):
+        assert main([*command, "--guidance", "6", "--weights", str(weights)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "between 1 and 5 for this model" in err
+    assert not (tmp_path / "x.mp4").exists()

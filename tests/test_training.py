@@ -281,6 +281,34 @@ def test_a_grown_transformer_starts_from_the_same_predictions(tmp_path):
         start_from(DiffusionTransformer(config_for("tiny", latent_channels=8, depth=1)), str(tmp_path / "small"))
 
 
+def test_a_distill_recipe_trains_a_student_that_samples_in_one_pass(tmp_path):
+    from kinetoscope.models.dit import DiffusionTransformer, config_for
+
+    torch.manual_seed(0)
+    teacher = DiffusionTransformer(config_for("tiny", latent_channels=32, depth=1))
+    for p in teacher.parameters():  # open the adaLN-Zero gates so guidance makes a difference to learn
+        torch.nn.init.normal_(p, std=0.05)
+    teacher.save_pretrained(tmp_path / "teacher")
+    distill = f'[distill]\nteacher = "{tmp_path / "teacher"}"\nguidance = [1.0, 3.0]\n'
+    recipe = tmp_path / "distill.toml"
+    recipe.write_text(TINY_RECIPE.replace('size = "tiny"', f'size = "tiny"\ninit = "{tmp_path / "teacher"}"') + distill)
+    final = train(str(recipe), output=str(tmp_path / "run"), steps=3)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and all(0 < r["loss"] < 100 for r in records if "loss" in r)
+    assert json.loads((final / "config.json").read_text())["distilled_guidance"] == [1.0, 3.0]
+    pipe = TextToVideo.load(final, device="cpu")
+    assert pipe("a red square spins", width=32, height=32, frames=5, steps=2, guidance=2.0).frames.shape == (5, 32, 32, 3)
+    # What the recipe gets wrong is one line before any training.
+    for broken, message in ((distill.replace("[1.0, 3.0]", "[3.0, 1.0]"), "guidance must be"),
+                            (distill.replace("guidance = [1.0, 3.0]\n", ""), "lacks guidance"),
+                            (distill.replace(str(tmp_path / "teacher"), str(tmp_path / "nowhere")), "teacher"),
+                            (distill.replace("[1.0, 3.0]", "[3.0, 5.0]"), r"\[eval\] guidance")):
+        recipe.write_text(TINY_RECIPE + broken)
+        with pytest.raises(RecipeError, match=message):
+            train(str(recipe), output=str(tmp_path / "broken"))
+    assert not (tmp_path / "broken").exists()
+
+
 def test_two_processes_under_torchrun_stop_together_on_the_time_budget(tmp_path):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(TINY_RECIPE.replace("steps = 2\n", "steps = 100000\n"))

@@ -50,13 +50,15 @@ def load_pipeline(weights: str | None):
     return common.load_weights(TextToVideo.load, weights)
 
 
-def checked_frames(pipe, prompt: str, width: int, height: int, seconds: float | None) -> int:
-    """The frame count for `seconds` (None: one image), once the request is one the model can make."""
+def checked_frames(pipe, prompt: str, width: int, height: int, seconds: float | None, args) -> int:
+    """The frame count for `seconds` (None: one image), once the request and the sampling settings
+    in `args` are ones the model can take."""
     if seconds is not None and seconds > pipe.max_seconds:
         raise common.UsageError(f"--seconds {seconds:g} is too long; at most {pipe.max_seconds:g}")
     frames = 1 if seconds is None else pipe.frames_for(seconds)
     try:
         pipe.check_request(prompt, width, height, frames)
+        pipe.check_sampling(args.steps, args.guidance, getattr(args, "sampler", "stochastic"))
     except ValueError as error:
         raise common.UsageError(str(error)) from None
     return frames
@@ -83,7 +85,7 @@ def run_generate(args) -> int:
     common.check_writable_file(output, "--output")
     pipe = load_pipeline(args.weights)
     width, height = args.size
-    frames = checked_frames(pipe, args.prompt, width, height, None if image else args.seconds)
+    frames = checked_frames(pipe, args.prompt, width, height, None if image else args.seconds, args)
     with tqdm(total=args.steps, desc="denoising", unit="step") as bar:
         video = pipe(args.prompt, width=width, height=height, frames=frames, steps=args.steps,
                      guidance=args.guidance, seed=args.seed, sampler=args.sampler,
@@ -114,6 +116,10 @@ def run_eval(args) -> int:
 
     report = common.check_writable_file(args.report, "--report") if args.report else None
     pipe = load_pipeline(args.weights)
+    try:
+        pipe.check_sampling(args.steps, args.guidance)
+    except ValueError as error:
+        raise common.UsageError(str(error)) from None
     with tqdm(total=args.per_tier * len(TIERS), desc="held-out prompts", unit="clip") as bar:
         result = evaluate_generator(pipe, args.per_tier, {"steps": args.steps, "guidance": args.guidance},
                                     progress=lambda item, verdict: bar.update(1))
@@ -137,7 +143,7 @@ def run_bench(args) -> int:
 
     pipe = load_pipeline(args.weights)
     width, height = args.size
-    frames = checked_frames(pipe, common.PROBE_PROMPT, width, height, args.seconds)
+    frames = checked_frames(pipe, common.PROBE_PROMPT, width, height, args.seconds, args)
     if args.compile:
         common.compile_and_warm_up(pipe, width, height, frames, args.guidance)
     r = benchmark_generation(pipe, width, height, frames, args.steps, args.guidance, args.repeats)

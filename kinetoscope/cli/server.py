@@ -114,6 +114,10 @@ def run_serve(args) -> int:
         pipelines[0].check_request(common.PROBE_PROMPT, width, height, frames)
     except ValueError as error:
         raise common.UsageError(f"--default-size: {error}") from None
+    try:
+        pipelines[0].check_sampling(settings.steps, settings.guidance)
+    except ValueError as error:
+        raise common.UsageError(str(error)) from None
     open_sessions(args)  # a bad database is one line here, not a traceback from inside uvicorn
     if args.compile:  # compiled now, so the first request does not wait for the compiler
         for pipe in pipelines:

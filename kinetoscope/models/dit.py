@@ -17,6 +17,11 @@ Local mixing (SANA's Mix-FFN, Xie et al. 2024): a model with `local_mixing` adds
 convolution over each latent step's token grid inside every MLP, so a token hears its neighbours
 directly rather than only through attention, and neighbouring tokens can agree on one object.
 
+Guidance distillation (Meng et al., "On Distillation of Guided Diffusion Models", 2023; FLUX.1-dev
+ships this way): a model with `distilled_guidance` takes the guidance scale as an input, embedded
+like the timestep, and is trained to give in one forward pass what classifier-free guidance takes
+two for, so sampling costs half.
+
 Shapes: latents (B, C, T, H, W); text (B, L, D_text) with mask (B, L); tokens (B, N, D).
 """
 
@@ -46,9 +51,14 @@ class DiTConfig:
     canvas_frequencies: int = 0  # Fourier features of each token's place as fractions of the clip; 0: none
     self_condition: bool = False  # also sees its own previous estimate of the clean latents
     local_mixing: bool = False  # a depthwise 3x3 convolution over each step's token grid inside each MLP (SANA's Mix-FFN)
+    distilled_guidance: tuple[float, float] | None = None  # guidance scales it takes as an input; None: two passes at sampling
 
     def __post_init__(self):
         self.patch = tuple(self.patch)
+        if self.distilled_guidance is not None:
+            self.distilled_guidance = tuple(float(g) for g in self.distilled_guidance)
+            if len(self.distilled_guidance) != 2 or not 0 <= self.distilled_guidance[0] <= self.distilled_guidance[1]:
+                raise ValueError(f"distilled_guidance must be (lowest, highest) scales with 0 <= lowest <= highest, not {self.distilled_guidance!r}")
         if self.dim % self.heads or (self.dim // self.heads) % 2 or self.dim // self.heads < 6:
             raise ValueError(f"dim {self.dim} over {self.heads} heads must give an even head size of at least 6 "
                              "(rotary positions turn pairs of features, at least one pair per axis)")
@@ -238,6 +248,7 @@ class DiffusionTransformer(nn.Module):
         self.canvas_in = nn.Linear(6 * cfg.canvas_frequencies + 1, d) if cfg.canvas_frequencies else None
         self.estimate_in = nn.Linear(patch_dim, d) if cfg.self_condition else None
         self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.guidance_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d)) if cfg.distilled_guidance else None
         self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
         self.text_pool = nn.Linear(cfg.text_dim, d)
         self.null_text = nn.Parameter(torch.zeros(1, cfg.text_dim))  # the "no prompt" of guidance
@@ -261,7 +272,8 @@ class DiffusionTransformer(nn.Module):
         nn.init.zeros_(self.adaLN_out.bias)
         nn.init.zeros_(self.patch_out.weight)
         nn.init.zeros_(self.patch_out.bias)
-        for extra_input in (self.canvas_in, self.estimate_in, *(block.local_mix for block in self.blocks)):
+        guidance_out = self.guidance_mlp[-1] if self.guidance_mlp is not None else None
+        for extra_input in (self.canvas_in, self.estimate_in, guidance_out, *(block.local_mix for block in self.blocks)):
             if extra_input is not None:  # start silent, so weights trained without them keep working
                 nn.init.zeros_(extra_input.weight)
                 nn.init.zeros_(extra_input.bias)
@@ -284,11 +296,13 @@ class DiffusionTransformer(nn.Module):
         x = latents.reshape(b, c, grid[0], pt, grid[1], ph, grid[2], pw)
         return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, math.prod(grid), -1), grid
 
-    def forward(self, latents, t, text, text_mask, clean_estimate=None):
+    def forward(self, latents, t, text, text_mask, clean_estimate=None, guidance=None):
         """latents (B, C, T, H, W), t (B,) in [0, 1], text (B, L, text_dim), text_mask (B, L) -> velocity like latents.
 
         clean_estimate (like latents): the model's previous prediction of the clean latents, for a
         self-conditioned model; None means no estimate yet (zeros). Other models refuse one.
+        guidance (B,): the scale of classifier-free guidance a guidance-distilled model gives the
+        velocity of; such a model needs it, others refuse it.
         """
         b, c, lt, lh, lw = latents.shape
         pt, ph, pw = self.cfg.patch
@@ -302,7 +316,12 @@ class DiffusionTransformer(nn.Module):
         if self.canvas_in is not None:
             x = x + self.canvas_in(canvas_features(grid, self.cfg.canvas_frequencies, latents.device))
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
-        cond = self.time_mlp(timestep_embedding(t, 256)) + self.text_pool(pooled)
+        cond = self.time_mlp(timestep_embedding(t, 256)) + self.text_pool(pooled)  # (B, D)
+        if (guidance is None) != (self.guidance_mlp is None):
+            raise ValueError("a guidance-distilled model needs the guidance scale as an input" if guidance is None
+                             else "this model was not guidance-distilled; it takes no guidance scale")
+        if guidance is not None:
+            cond = cond + self.guidance_mlp(timestep_embedding(guidance, 256))
         context = self.text_in(text)
         rotations = rope_frequencies(self.cfg.dim // self.cfg.heads, grid, self.cfg.rope_theta, latents.device)
         for block in self.blocks:

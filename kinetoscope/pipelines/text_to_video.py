@@ -126,18 +126,22 @@ class TextToVideo:
         if frames < 1 or (frames - 1) % step or frames > MAX_FRAMES:
             raise ValueError(f"{frames} frames is not supported: 1 + {step}k frames, at most {MAX_FRAMES}")
 
+    def check_sampling(self, steps: int, guidance: float, sampler: str = "stochastic"):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+        low, high = self.transformer.cfg.distilled_guidance or (0.0, MAX_GUIDANCE)  # a distilled model knows only its range
+        if not low <= guidance <= high:  # NaN fails this too
+            raise ValueError(f"guidance must be between {low:g} and {high:g} for this model, got {guidance!r}")
+
     # -- generation -----------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(self, prompt: str, width: int = 128, height: int = 128, frames: int = 17, steps: int = 20,
                  guidance: float = 4.0, seed: int = 0, sampler: str = "stochastic", on_step=None) -> GeneratedVideo:
         self.check_request(prompt, width, height, frames)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
-        if not 0 <= guidance <= MAX_GUIDANCE:  # NaN fails this too
-            raise ValueError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance!r}")
+        self.check_sampling(steps, guidance, sampler)
         timings = {}
         start = self._clock()
         text, mask = (v.to(self.device) for v in self.text_encoder.encode([prompt]))
@@ -182,13 +186,17 @@ class TextToVideo:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def guided_velocity(self, text, mask, guidance: float):
-        """Classifier-free guidance: v = v_uncond + g (v_cond - v_uncond), both in one batch.
+    def guided_velocity(self, text, mask, guidance: float, model=None):
+        """Classifier-free guidance: v = v_uncond + g (v_cond - v_uncond), both in one batch; a
+        guidance-distilled transformer gives that in one pass, from the prompt and g alone.
 
         A self-conditioned transformer also gets the clean latents implied by the previous call's
-        guided velocity (none at the first), the estimate it was trained to refine.
+        guided velocity (none at the first), the estimate it was trained to refine. `model` replaces
+        the denoiser (the transformer or its compiled form) for one caller, e.g. to count FLOPs eagerly.
         """
-        if guidance == 1.0:
+        model = model or self.denoiser
+        distilled = torch.tensor([guidance], device=self.device) if self.transformer.cfg.distilled_guidance else None
+        if guidance == 1.0 or distilled is not None:
             both_text, both_mask = text, mask
         else:
             both_text, both_mask = self.transformer.drop_text(
@@ -202,7 +210,7 @@ class TextToVideo:
             nonlocal estimate
             previous = estimate.expand(copies, -1, -1, -1, -1) if estimate is not None else None
             with autocast_for(self.device):
-                v = self.denoiser(x.expand(copies, -1, -1, -1, -1), t.expand(copies), both_text, both_mask, previous).float()
+                v = model(x.expand(copies, -1, -1, -1, -1), t.expand(copies), both_text, both_mask, previous, distilled).float()
             if copies == 2:
                 conditional, unconditional = v.chunk(2)
                 v = unconditional + guidance * (conditional - unconditional)

@@ -6,6 +6,11 @@
 Clips are rendered on the fly, encoded by the frozen autoencoder and captioned by the frozen
 text encoder; held-out combinations and phrasings never appear (the dataset's train split).
 Resumes from OUTPUT/checkpoint; keeps an EMA of the weights, which is what gets exported.
+
+A recipe with a [distill] table trains a guidance-distilled student instead: on the same data, at
+the times the sampler visits, the student given the prompt and a guidance scale g learns the
+velocity its teacher gives with classifier-free guidance at g (the teacher's two passes, with and
+without the prompt), so it samples in one pass per step. Caption dropout plays no part there.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kinetoscope.data.captions import PromptError, parse_prompt
-from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, predicted_clean, velocity_target
+from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, predicted_clean, shift_time, velocity_target
 from kinetoscope.models.autoencoder import VideoAutoencoder, default_weights_dir
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.precision import autocast_for
@@ -47,6 +52,7 @@ KNOWN = {
     "data": (*DATA_KEYS, "autoencoder", "bucket_weights", "max_batch_size"),
     "train": (*REQUIRED["train"], "minutes", "reuse"),
     "eval": REQUIRED["eval"],
+    "distill": ("teacher", "guidance"),
 }
 TIME_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # loss is logged per band of t
 SELF_CONDITION_SHARE = 0.5  # of the steps that train a self-conditioned model on its own estimate
@@ -105,6 +111,43 @@ def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_d
     return per_sample, t
 
 
+def distillation_loss(model, teacher, latents, text, mask, schedule: FlowSchedule, guidance_range, generator=None):
+    """The student's velocity at guidance g against its teacher's guided one, MSE per sample (B,),
+    and the times it was drawn at: uniform before the shift, as the sampler's steps are spaced."""
+    b, device = latents.shape[0], latents.device
+    shift = schedule.shift(unwrap(model).token_count(latents.shape))
+    t = shift_time(torch.rand(b, generator=generator), shift).to(device)
+    low, high = guidance_range
+    guidance = (low + (high - low) * torch.rand(b, generator=generator)).to(device)
+    noise = schedule.noise(latents.shape, generator).to(device)
+    noisy = add_noise(latents, noise, t)
+    with torch.no_grad(), autocast_for(device):
+        both_text, both_mask = teacher.drop_text(text.repeat(2, 1, 1), mask.repeat(2, 1), torch.arange(2 * b, device=device) >= b)
+        conditional, unconditional = teacher(noisy.repeat(2, 1, 1, 1, 1), t.repeat(2), both_text, both_mask).float().chunk(2)
+        target = unconditional + guidance.view(-1, 1, 1, 1, 1) * (conditional - unconditional)
+    with autocast_for(device):
+        prediction = model(noisy, t, text, mask, guidance=guidance)
+    return F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1), t
+
+
+def load_teacher(settings: dict, device) -> tuple[DiffusionTransformer, tuple[float, float]]:
+    """[distill]: the teacher (frozen) and the range of guidance scales to distill, checked."""
+    missing = [key for key in KNOWN["distill"] if key not in settings]
+    if missing:
+        raise RecipeError(f"[distill] lacks {', '.join(missing)}")
+    guidance = settings["guidance"]
+    if (not isinstance(guidance, list) or len(guidance) != 2 or any(isinstance(g, bool) or not isinstance(g, (int, float)) for g in guidance)
+            or not 0 <= guidance[0] <= guidance[1] <= 30):
+        raise RecipeError(f"[distill] guidance must be [lowest, highest] with 0 <= lowest <= highest <= 30, not {guidance!r}")
+    try:
+        teacher = DiffusionTransformer.from_pretrained(settings["teacher"])
+    except (OSError, ValueError, RuntimeError) as error:
+        raise RecipeError(f"[distill] teacher: {error}") from None
+    if teacher.cfg.self_condition or teacher.cfg.distilled_guidance:
+        raise RecipeError(f"[distill] teacher {settings['teacher']} must be a plain model (no self-conditioning, not distilled)")
+    return teacher.to(device).requires_grad_(False), (float(guidance[0]), float(guidance[1]))
+
+
 def own_estimate(model, noisy, t, text, mask, generator=None):
     """For a self-conditioned model, half of the steps first let it predict the clean latents
     without gradients and train it to refine that estimate; the other half train it from none,
@@ -117,26 +160,29 @@ def own_estimate(model, noisy, t, text, mask, generator=None):
 
 def start_from(model: DiffusionTransformer, directory: str):
     """Load exported weights into `model`, which may be deeper, add canvas positions, add
-    self-conditioning or add local mixing: new blocks are appended and, like the new inputs and
-    convolutions, start silent (adaLN-Zero, zero weights), so training continues from the same
+    self-conditioning, add local mixing or take a distilled guidance scale: new blocks are appended
+    and, like the new inputs and convolutions, start silent (adaLN-Zero, zero weights), so training continues from the same
     predictions."""
     try:
         start = DiffusionTransformer.from_pretrained(directory)
     except (OSError, ValueError, RuntimeError) as error:
         raise RecipeError(f"[model] init: {error}") from None
     growable = {"depth": model.cfg.depth, "canvas_frequencies": model.cfg.canvas_frequencies,
-                "self_condition": model.cfg.self_condition, "local_mixing": model.cfg.local_mixing}
+                "self_condition": model.cfg.self_condition, "local_mixing": model.cfg.local_mixing,
+                "distilled_guidance": model.cfg.distilled_guidance}
     grows = (model.cfg.depth >= start.cfg.depth and start.cfg.canvas_frequencies in (0, model.cfg.canvas_frequencies)
-             and start.cfg.self_condition <= model.cfg.self_condition and start.cfg.local_mixing <= model.cfg.local_mixing)
+             and start.cfg.self_condition <= model.cfg.self_condition and start.cfg.local_mixing <= model.cfg.local_mixing
+             and start.cfg.distilled_guidance in (None, model.cfg.distilled_guidance))
     if replace(start.cfg, **growable) != model.cfg or not grows:
         raise RecipeError(f"[model] init {directory} is a {start.cfg}; the recipe's {model.cfg} can only add blocks, "
-                          "canvas positions, self-conditioning or local mixing")
+                          "canvas positions, self-conditioning, local mixing or a guidance input")
     model.load_state_dict(start.float().state_dict(), strict=False)
 
 
-def check_eval_settings(settings: dict):
+def check_eval_settings(settings: dict, guidance_range=(0.0, None)):
     """The judge scores the samples, so every eval prompt must be in the world's grammar, and the
-    sampler must take the settings: fail now, not at step 500 (or, at the end, before the export)."""
+    sampler must take the settings (a distilled model only its range of guidance): fail now, not
+    at step 500 (or, at the end, before the export)."""
     from kinetoscope.pipelines.text_to_video import MAX_GUIDANCE, MAX_STEPS
 
     if not isinstance(settings["prompts"], list) or not settings["prompts"]:
@@ -149,8 +195,9 @@ def check_eval_settings(settings: dict):
     steps, guidance = settings["steps"], settings["guidance"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise RecipeError(f"[eval] steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
-        raise RecipeError(f"[eval] guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {guidance!r}")
+    low, high = guidance_range[0], guidance_range[1] or MAX_GUIDANCE
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not low <= guidance <= high:
+        raise RecipeError(f"[eval] guidance must be a number from {low:g} to {high:g}, not {guidance!r}")
 
 
 def agreed(fraction: float, world_size: int, device: torch.device) -> float:
@@ -174,7 +221,6 @@ def save_checkpoint_model(pair, directory: Path):
 
 def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None) -> Path | None:
     recipe = load_recipe(recipe_path, REQUIRED, KNOWN)
-    check_eval_settings(recipe["eval"])
     settings = recipe["train"]
     check_train_settings(settings)
     reuse = reuse_setting(settings)
@@ -186,7 +232,6 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     minutes = minutes if minutes is not None else settings.get("minutes")
     rank, world_size = start_distributed()
     device = local_device()
-    run = RunDirectory(output or settings["output"])
     main_process = rank == 0
 
     try:
@@ -194,11 +239,16 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     except (OSError, ValueError) as error:
         raise RecipeError(f"[data] autoencoder: {error}") from None
     overrides = {"latent_channels": autoencoder.cfg.latent_channels, **recipe["model"].get("overrides", {})}
+    teacher, guidance_range = load_teacher(recipe["distill"], device) if "distill" in recipe else (None, None)
+    if teacher is not None:
+        overrides["distilled_guidance"] = guidance_range
+    check_eval_settings(recipe["eval"], guidance_range or (0.0, None))
     torch.manual_seed(settings["seed"])  # the starting weights, too, are the recipe's
     try:
         model = DiffusionTransformer(config_for(recipe["model"]["size"], **overrides)).to(device)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"[model]: {error}") from None
+    run = RunDirectory(output or settings["output"])  # only once the recipe is known to describe a run
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
     step, carried = 0, 0.0
@@ -252,7 +302,10 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"])
+        if teacher is not None:
+            per_sample, t = distillation_loss(model, teacher, latents, text, mask, schedule, guidance_range)
+        else:
+            per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"])
         loss = per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
