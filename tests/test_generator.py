@@ -334,7 +334,7 @@ def test_steps_guidance_and_sampler_change_what_they_should(pipe, monkeypatch):
 
 
 def test_guidance_extrapolates_from_the_empty_prompt_through_the_prompt(pipe, monkeypatch):
-    def fake_velocity(x, t, text, mask, clean_estimate=None):  # 3 where the prompt is seen, 1 for the empty prompt
+    def fake_velocity(x, t, text, mask, clean_estimate=None, guidance=None):  # 3 where the prompt is seen, 1 for the empty prompt
         has_prompt = mask[:, 1:].any(1).float().view(-1, 1, 1, 1, 1)
         return torch.ones_like(x) * (1 + 2 * has_prompt)
 
@@ -606,7 +606,7 @@ def test_self_conditioning_refines_the_estimate_of_the_previous_step(text_encode
     pipe = TextToVideo(transformer, VideoAutoencoder(TINY_AE), text_encoder)
     seen = []  # (x, t, clean estimate) of every call, and the guided velocity it led to
 
-    def fake_velocity(x, t, text, mask, clean_estimate=None):
+    def fake_velocity(x, t, text, mask, clean_estimate=None, guidance=None):
         v = x * (0.5 + t.view(-1, 1, 1, 1, 1)) + mask[:, 1:].any(1).float().view(-1, 1, 1, 1, 1)
         seen.append((x[:1].clone(), t[:1].clone(), clean_estimate))
         return v
@@ -717,9 +717,16 @@ def test_a_distilled_pipeline_takes_one_pass_per_step_and_only_its_guidance_rang
         seen.append((x.shape[0], guidance.tolist()))
         return torch.zeros_like(x)
 
+    from kinetoscope.eval.bench import denoiser_flops
+
+    guided_flops = denoiser_flops(pipe, 32, 32, 5, 4.0)
     monkeypatch.setattr(pipe.transformer, "forward", fake_velocity)
     pipe("a red circle", width=32, height=32, frames=1, steps=3, guidance=4.0)
     assert seen == [(1, [4.0])] * 3  # the prompt alone, with the scale, once per step
+    monkeypatch.undo()
+    plain = TextToVideo(tiny_transformer(), pipe.autoencoder, text_encoder)
+    # The benchmark counts the pass it makes: half of what classifier-free guidance costs, plus the scale's embedding.
+    assert denoiser_flops(plain, 32, 32, 5, 1.0) < guided_flops < 0.51 * denoiser_flops(plain, 32, 32, 5, 4.0)
     for scale in (0.5, 5.5):
         with pytest.raises(ValueError, match="between 1 and 5 for this model"):
             pipe("a red circle", width=32, height=32, frames=1, steps=1, guidance=scale)
