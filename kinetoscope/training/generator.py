@@ -132,13 +132,15 @@ def distillation_loss(model, teacher, latents, text, mask, schedule: FlowSchedul
 
 def load_teacher(settings: dict, device) -> tuple[DiffusionTransformer, tuple[float, float]]:
     """[distill]: the teacher (frozen) and the range of guidance scales to distill, checked."""
+    from kinetoscope.pipelines.text_to_video import MAX_GUIDANCE
+
     missing = [key for key in KNOWN["distill"] if key not in settings]
     if missing:
         raise RecipeError(f"[distill] lacks {', '.join(missing)}")
     guidance = settings["guidance"]
     if (not isinstance(guidance, list) or len(guidance) != 2 or any(isinstance(g, bool) or not isinstance(g, (int, float)) for g in guidance)
-            or not 0 <= guidance[0] <= guidance[1] <= 30):
-        raise RecipeError(f"[distill] guidance must be [lowest, highest] with 0 <= lowest <= highest <= 30, not {guidance!r}")
+            or not 0 <= guidance[0] <= guidance[1] <= MAX_GUIDANCE):
+        raise RecipeError(f"[distill] guidance must be [lowest, highest] with 0 <= lowest <= highest <= {MAX_GUIDANCE:g}, not {guidance!r}")
     try:
         teacher = DiffusionTransformer.from_pretrained(settings["teacher"])
     except (OSError, ValueError, RuntimeError) as error:
@@ -161,8 +163,8 @@ def own_estimate(model, noisy, t, text, mask, generator=None):
 def start_from(model: DiffusionTransformer, directory: str):
     """Load exported weights into `model`, which may be deeper, add canvas positions, add
     self-conditioning, add local mixing or take a distilled guidance scale: new blocks are appended
-    and, like the new inputs and convolutions, start silent (adaLN-Zero, zero weights), so training continues from the same
-    predictions."""
+    and, like the new inputs and convolutions, start silent (adaLN-Zero, zero weights), so training
+    continues from the same predictions."""
     try:
         start = DiffusionTransformer.from_pretrained(directory)
     except (OSError, ValueError, RuntimeError) as error:
@@ -179,7 +181,7 @@ def start_from(model: DiffusionTransformer, directory: str):
     model.load_state_dict(start.float().state_dict(), strict=False)
 
 
-def check_eval_settings(settings: dict, guidance_range=(0.0, None)):
+def check_eval_settings(settings: dict, guidance_range: tuple[float, float] | None = None):
     """The judge scores the samples, so every eval prompt must be in the world's grammar, and the
     sampler must take the settings (a distilled model only its range of guidance): fail now, not
     at step 500 (or, at the end, before the export)."""
@@ -195,7 +197,7 @@ def check_eval_settings(settings: dict, guidance_range=(0.0, None)):
     steps, guidance = settings["steps"], settings["guidance"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise RecipeError(f"[eval] steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
-    low, high = guidance_range[0], guidance_range[1] or MAX_GUIDANCE
+    low, high = guidance_range or (0.0, MAX_GUIDANCE)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not low <= guidance <= high:
         raise RecipeError(f"[eval] guidance must be a number from {low:g} to {high:g}, not {guidance!r}")
 
@@ -242,7 +244,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     teacher, guidance_range = load_teacher(recipe["distill"], device) if "distill" in recipe else (None, None)
     if teacher is not None:
         overrides["distilled_guidance"] = guidance_range
-    check_eval_settings(recipe["eval"], guidance_range or (0.0, None))
+    check_eval_settings(recipe["eval"], guidance_range)
     torch.manual_seed(settings["seed"])  # the starting weights, too, are the recipe's
     try:
         model = DiffusionTransformer(config_for(recipe["model"]["size"], **overrides)).to(device)
