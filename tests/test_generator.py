@@ -17,7 +17,7 @@ from kinetoscope.media.video import video_info
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from kinetoscope.models.dit import MODEL_SIZES, DiffusionTransformer, config_for
 from kinetoscope.models.text_encoder import TextEncoder
-from kinetoscope.pipelines.text_to_video import TextToVideo
+from kinetoscope.pipelines.text_to_video import SamplingSettings, TextToVideo
 from kinetoscope.training.generator import LatentBatches, diffusion_loss
 
 TINY_AE = AutoencoderConfig(latent_channels=8, widths=(12, 24), blocks_per_level=1)
@@ -743,3 +743,41 @@ def test_the_cli_refuses_a_guidance_the_distilled_model_does_not_know(tmp_path, 
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "between 1 and 5 for this model" in err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkeypatch):
+    """A distilled model may need other settings than the shipped model's 20 steps at guidance 4:
+    its pipeline.json says so, and every entry point follows it unless told otherwise."""
+    weights = tmp_path / "distilled"
+    distilled_student(tiny_transformer(), (1.0, 3.0)).save_pretrained(weights)
+    VideoAutoencoder(TINY_AE).save_pretrained(tmp_path / "autoencoder")
+
+    def settings(**sampling):
+        (weights / "pipeline.json").write_text(json.dumps({"autoencoder": "../autoencoder", "fps": 8.0, "sampling": sampling}))
+
+    settings(steps=3, guidance=2.5, sampler="euler")
+    pipe = TextToVideo.load(weights)
+    assert pipe.sampling == SamplingSettings(3, 2.5, "euler")
+    seen = []
+    forward = pipe.transformer.forward
+    monkeypatch.setattr(pipe.transformer, "forward", lambda x, *args: seen.append(args[-1].tolist()) or forward(x, *args))
+    pipe("a red circle", width=32, height=32, frames=1)
+    assert seen == [[2.5]] * 3  # Euler: one pass a step
+    seen.clear()
+    pipe("a red circle", width=32, height=32, frames=1, steps=2, guidance=1.5, sampler="heun")
+    assert seen == [[1.5]] * 3  # what the caller names wins
+    monkeypatch.undo()
+
+    assert main(["bench", "--repeats", "1", "--size", "32x32", "--seconds", "1", "--weights", str(weights)]) == 0
+    assert "3 steps of euler, guidance 2.5" in capsys.readouterr().out
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--weights", str(weights)]) == 0
+    assert "3/3" in capsys.readouterr().err  # the progress bar counts the model's steps
+
+    for broken, message in [({"stepz": 3}, "unknown sampling setting(s) stepz"),
+                            ({}, "default sampling settings are not ones it can take: guidance must be between 1 and 3"),
+                            ({"steps": 0}, "steps must be a whole number")]:
+        settings(**broken)  # {}: the shipped model's guidance, 4, which this student does not know
+        assert main(["generate", "a red circle", "-o", str(tmp_path / "y.png"), "--weights", str(weights)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "y.png").exists()

@@ -568,3 +568,23 @@ def test_a_download_that_a_delete_overtakes_still_sends_the_whole_file(tmp_path,
         assert list((settings.videos_dir / DOWNLOADS).iterdir()) == []  # the link went with the response
         gone = http.get("/v1/videos/video_1/content", headers=headers)
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "video_not_found"
+
+
+def test_videos_sample_with_the_models_own_settings_unless_the_server_is_told_others(tmp_path, weights_dir):
+    from fastapi.testclient import TestClient
+
+    from kinetoscope.pipelines.text_to_video import SamplingSettings, TextToVideo
+    from kinetoscope.server.app import create_app
+    from kinetoscope.server.settings import ServerSettings
+
+    pipe = TextToVideo.load(weights_dir)
+    pipe.sampling = SamplingSettings(steps=3, guidance=2.5)  # as a pipeline.json "sampling" would name them
+    for settings, expected in [(ServerSettings(data_dir=tmp_path / "own"), (3, 2.5)),
+                               (ServerSettings(data_dir=tmp_path / "told", steps=5, guidance=1.0), (5, 1.0))]:
+        secret = access.create_key(db.open_database(settings.database), "artist").secret
+        app = create_app(settings, [pipe])
+        response = TestClient(app).post("/v1/videos", json={"prompt": "a red circle", **SMALL},
+                                        headers={"Authorization": f"Bearer {secret}"})
+        assert response.status_code == 200, response.text
+        with db.transaction(app.state.server.sessions, write=False) as session:
+            assert session.execute(select(db.Video.steps, db.Video.guidance)).one() == expected

@@ -11,7 +11,7 @@ import torch
 
 from kinetoscope.cli import main
 from kinetoscope.models.autoencoder import default_weights_dir
-from kinetoscope.pipelines.text_to_video import TextToVideo
+from kinetoscope.pipelines.text_to_video import SamplingSettings, TextToVideo
 from kinetoscope.training.common import RecipeError, RunDirectory, load_recipe
 from kinetoscope.training.common import BatchPool
 from kinetoscope.training.generator import REQUIRED, train
@@ -233,7 +233,9 @@ def test_generator_training_resumes_and_exports_a_loadable_model(tmp_path):
     config = json.loads((final / "config.json").read_text())
     assert config["trained_steps"] == 4 and config["depth"] == 1
     pipe = TextToVideo.load(final, device="cpu")  # self-contained: the default autoencoder it was trained with came along
-    assert json.loads((final / "pipeline.json").read_text())["autoencoder"] == "autoencoder"
+    settings = json.loads((final / "pipeline.json").read_text())
+    assert settings["autoencoder"] == "autoencoder"
+    assert pipe.sampling == SamplingSettings(**settings["sampling"]) == SamplingSettings(steps=1, guidance=2.0)  # the recipe's [eval]
     assert (final / "autoencoder" / "model.safetensors").read_bytes() == (default_weights_dir() / "model.safetensors").read_bytes()
     video = pipe("a red square spins", width=32, height=32, frames=5, steps=1)
     assert video.frames.shape == (5, 32, 32, 3)

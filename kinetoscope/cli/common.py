@@ -138,6 +138,12 @@ def load_weights(loader, weights: str | None):
         raise UsageError(f"cannot load {where}: {message}") from None
 
 
+def add_sampling_arguments(parser):
+    """--steps and --guidance, left None unless given, so a model's own defaults apply."""
+    parser.add_argument("--steps", type=sampling_steps, help="sampling steps (default: the model's own, 20 for the shipped model)")
+    parser.add_argument("--guidance", type=guidance_scale, help="classifier-free guidance scale (default: the model's own, 4 for the shipped model)")
+
+
 def compile_and_warm_up(pipe, width: int, height: int, frames: int, guidance: float):
     """`--compile`: compile the transformer and take two sampling steps at this size and length, so
     what follows does not wait for the compiler; a machine where it cannot compile gets one line."""

@@ -15,9 +15,9 @@ def register(subparsers):
     generate.add_argument("--size", type=common.parse_size, default=(128, 128), help="WxH (default 128x128)")
     generate.add_argument("--fps", type=common.frame_rate, default=8.0)
     generate.add_argument("--seed", type=common.seed, default=0)
-    generate.add_argument("--steps", type=common.sampling_steps, default=20)
-    generate.add_argument("--guidance", type=common.guidance_scale, default=4.0)
-    generate.add_argument("--sampler", choices=("euler", "heun", "stochastic"), default="stochastic")  # rectified_flow.SAMPLERS, named here so --help needs no torch
+    common.add_sampling_arguments(generate)
+    generate.add_argument("--sampler", choices=("euler", "heun", "stochastic"),  # rectified_flow.SAMPLERS, named here so --help needs no torch
+                          help="default: the model's own (stochastic for the shipped model)")
     generate.add_argument("--weights", help="generator folder (default: the shipped model)")
     generate.set_defaults(handler=run_generate)
 
@@ -27,8 +27,7 @@ def register(subparsers):
 
     evaluate = subparsers.add_parser("eval", help="generate held-out prompts and score them with the judge")
     evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
-    evaluate.add_argument("--steps", type=common.sampling_steps, default=20)
-    evaluate.add_argument("--guidance", type=common.guidance_scale, default=4.0)
+    common.add_sampling_arguments(evaluate)
     evaluate.add_argument("--weights", help="generator folder (default: the shipped model)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
     evaluate.set_defaults(handler=run_eval)
@@ -36,8 +35,7 @@ def register(subparsers):
     bench = subparsers.add_parser("bench", help="seconds per clip by stage, real-time factor, FLOP/s, memory")
     bench.add_argument("--size", type=common.parse_size, default=(128, 128))
     bench.add_argument("--seconds", type=common.positive_float, default=2.0)
-    bench.add_argument("--steps", type=common.sampling_steps, default=20)
-    bench.add_argument("--guidance", type=common.guidance_scale, default=4.0)
+    common.add_sampling_arguments(bench)
     bench.add_argument("--repeats", type=common.positive_int, default=5)
     bench.add_argument("--weights", help="generator folder (default: the shipped model)")
     bench.add_argument("--compile", action="store_true", help="time the transformer compiled by torch.compile (as `serve --compile` runs it)")
@@ -50,18 +48,18 @@ def load_pipeline(weights: str | None):
     return common.load_weights(TextToVideo.load, weights)
 
 
-def checked_frames(pipe, prompt: str, width: int, height: int, seconds: float | None, args) -> int:
-    """The frame count for `seconds` (None: one image), once the request and the sampling settings
-    in `args` are ones the model can take."""
+def checked_request(pipe, prompt: str, width: int, height: int, seconds: float | None, args):
+    """The frame count for `seconds` (None: one image) and the sampling settings `args` ask for (the
+    model's own where they name none), once both are ones the model can take."""
     if seconds is not None and seconds > pipe.max_seconds:
         raise common.UsageError(f"--seconds {seconds:g} is too long; at most {pipe.max_seconds:g}")
     frames = 1 if seconds is None else pipe.frames_for(seconds)
     try:
         pipe.check_request(prompt, width, height, frames)
-        pipe.check_sampling(args.steps, args.guidance, getattr(args, "sampler", "stochastic"))
+        sampling = pipe.sampling_for(args.steps, args.guidance, getattr(args, "sampler", None))
     except ValueError as error:
         raise common.UsageError(str(error)) from None
-    return frames
+    return frames, sampling
 
 
 def retime(frames, source_fps: float, target_fps: float, seconds: float):
@@ -85,10 +83,10 @@ def run_generate(args) -> int:
     common.check_writable_file(output, "--output")
     pipe = load_pipeline(args.weights)
     width, height = args.size
-    frames = checked_frames(pipe, args.prompt, width, height, None if image else args.seconds, args)
-    with tqdm(total=args.steps, desc="denoising", unit="step") as bar:
-        video = pipe(args.prompt, width=width, height=height, frames=frames, steps=args.steps,
-                     guidance=args.guidance, seed=args.seed, sampler=args.sampler,
+    frames, sampling = checked_request(pipe, args.prompt, width, height, None if image else args.seconds, args)
+    with tqdm(total=sampling.steps, desc="denoising", unit="step") as bar:
+        video = pipe(args.prompt, width=width, height=height, frames=frames, steps=sampling.steps,
+                     guidance=sampling.guidance, seed=args.seed, sampler=sampling.sampler,
                      on_step=lambda done, total: bar.update(1))
     result = video.frames if image else retime(video.frames, video.fps, args.fps, args.seconds)
     try:
@@ -117,11 +115,12 @@ def run_eval(args) -> int:
     report = common.check_writable_file(args.report, "--report") if args.report else None
     pipe = load_pipeline(args.weights)
     try:
-        pipe.check_sampling(args.steps, args.guidance)
+        sampling = pipe.sampling_for(args.steps, args.guidance)
     except ValueError as error:
         raise common.UsageError(str(error)) from None
+    print(f"sampling: {sampling.steps} steps of {sampling.sampler}, guidance {sampling.guidance:g}")
     with tqdm(total=args.per_tier * len(TIERS), desc="held-out prompts", unit="clip") as bar:
-        result = evaluate_generator(pipe, args.per_tier, {"steps": args.steps, "guidance": args.guidance},
+        result = evaluate_generator(pipe, args.per_tier, {"steps": sampling.steps, "guidance": sampling.guidance},
                                     progress=lambda item, verdict: bar.update(1))
     for tier, scores in result["tiers"].items():
         attributes = ", ".join(f"{name} {rate:.0%}" for name, rate in scores["attributes"].items())
@@ -143,10 +142,10 @@ def run_bench(args) -> int:
 
     pipe = load_pipeline(args.weights)
     width, height = args.size
-    frames = checked_frames(pipe, common.PROBE_PROMPT, width, height, args.seconds, args)
+    frames, sampling = checked_request(pipe, common.PROBE_PROMPT, width, height, args.seconds, args)
     if args.compile:
-        common.compile_and_warm_up(pipe, width, height, frames, args.guidance)
-    r = benchmark_generation(pipe, width, height, frames, args.steps, args.guidance, args.repeats)
+        common.compile_and_warm_up(pipe, width, height, frames, sampling.guidance)
+    r = benchmark_generation(pipe, width, height, frames, sampling.steps, sampling.guidance, args.repeats)
     print(f"transformer: {'compiled by torch.compile' if args.compile else 'eager (--compile to compare)'}")
     stages = ", ".join(f"{k} {v:.3f} s" for k, v in r["stages_s"].items())
     print(f"clip: {r['clip']}")

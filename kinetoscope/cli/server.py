@@ -25,8 +25,7 @@ def register(subparsers):
     add_storage_arguments(serve)
     serve.add_argument("--weights", help="generator folder (default: the shipped model)")
     serve.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    serve.add_argument("--steps", type=common.sampling_steps, default=20, help="sampling steps per video")
-    serve.add_argument("--guidance", type=common.guidance_scale, default=4.0)
+    common.add_sampling_arguments(serve)
     serve.add_argument("--compile", action="store_true",
                        help="compile the transformer with torch.compile at start-up (slower start, faster videos)")
     serve.add_argument("--default-size", type=common.parse_size, default=(128, 128), help="size when a request names none")
@@ -115,14 +114,14 @@ def run_serve(args) -> int:
     except ValueError as error:
         raise common.UsageError(f"--default-size: {error}") from None
     try:
-        pipelines[0].check_sampling(settings.steps, settings.guidance)
+        sampling = pipelines[0].sampling_for(settings.steps, settings.guidance)
     except ValueError as error:
         raise common.UsageError(str(error)) from None
     open_sessions(args)  # a bad database is one line here, not a traceback from inside uvicorn
     if args.compile:  # compiled now, so the first request does not wait for the compiler
         for pipe in pipelines:
             print(f"compiling the transformer for {width}x{height}, {frames} frames ...", flush=True)
-            common.compile_and_warm_up(pipe, width, height, frames, settings.guidance)
+            common.compile_and_warm_up(pipe, width, height, frames, sampling.guidance)
     uvicorn.run(create_app(settings, pipelines), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_keep_alive=KEEP_ALIVE_SECONDS)
     return 0

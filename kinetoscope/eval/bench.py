@@ -69,7 +69,10 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def benchmark_generation(pipe, width=128, height=128, frames=17, steps=20, guidance=4.0, repeats=5) -> dict:
+def benchmark_generation(pipe, width=128, height=128, frames=17, steps=None, guidance=None, repeats=5) -> dict:
+    """Sampling settings left None are the model's own."""
+    sampling = pipe.sampling_for(steps, guidance)
+    steps, guidance = sampling.steps, sampling.guidance
     pipe(WARM_UP_PROMPT, width=width, height=height, frames=frames, steps=steps, guidance=guidance)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
@@ -86,7 +89,7 @@ def benchmark_generation(pipe, width=128, height=128, frames=17, steps=20, guida
     dtype = compute_dtype(pipe.device)
     peak = matmul_rate(dtype, device=pipe.device.type)
     return {
-        "clip": f"{width}x{height}, {frames} frames ({clip_seconds:g} s at {pipe.fps:g} fps), {steps} steps, guidance {guidance:g}",
+        "clip": f"{width}x{height}, {frames} frames ({clip_seconds:g} s at {pipe.fps:g} fps), {steps} steps of {sampling.sampler}, guidance {guidance:g}",
         "stages_s": stages,
         "total_s": total,
         "real_time_factor": clip_seconds / total,

@@ -16,7 +16,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,16 @@ def pad_tokens(text: torch.Tensor, mask: torch.Tensor, multiple: int):
     return torch.nn.functional.pad(text, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra), value=False)
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What a generation uses where its caller names nothing. A model folder's pipeline.json may
+    name its own under "sampling": a guidance-distilled model knows only its guidance range, say,
+    and may need fewer steps."""
+    steps: int = 20
+    guidance: float = 4.0
+    sampler: str = "stochastic"
+
+
 @dataclass
 class GeneratedVideo:
     frames: np.ndarray  # uint8 (T, H, W, 3)
@@ -54,7 +64,8 @@ class GeneratedVideo:
 
 class TextToVideo:
     def __init__(self, transformer: DiffusionTransformer, autoencoder: VideoAutoencoder, text_encoder: TextEncoder,
-                 schedule: FlowSchedule = FlowSchedule(), fps: float = 8.0, device: str | torch.device = "cpu"):
+                 schedule: FlowSchedule = FlowSchedule(), fps: float = 8.0, device: str | torch.device = "cpu",
+                 sampling: SamplingSettings = SamplingSettings()):
         if transformer.cfg.latent_channels != autoencoder.cfg.latent_channels:
             raise ValueError(f"the transformer denoises {transformer.cfg.latent_channels} latent channels but the autoencoder "
                              f"makes {autoencoder.cfg.latent_channels}: name the transformer's own autoencoder in pipeline.json")
@@ -67,6 +78,11 @@ class TextToVideo:
         self.text_encoder = text_encoder
         self.schedule = schedule
         self.fps = fps  # the frame rate the model was trained at
+        self.sampling = sampling
+        try:
+            self.sampling_for()
+        except ValueError as error:
+            raise ValueError(f"the model's default sampling settings are not ones it can take: {error}") from None
 
     @classmethod
     def load(cls, weights: str | Path | None = None, device: str | None = None) -> "TextToVideo":
@@ -78,7 +94,11 @@ class TextToVideo:
         autoencoder_dir = directory / settings["autoencoder"] if "autoencoder" in settings else None
         autoencoder = VideoAutoencoder.from_pretrained(autoencoder_dir)
         schedule = FlowSchedule(**settings.get("schedule", {}))
-        return cls(transformer, autoencoder, TextEncoder.load(device), schedule, settings.get("fps", 8.0), device)
+        unknown = set(settings.get("sampling", {})) - set(SamplingSettings.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{directory / 'pipeline.json'}: unknown sampling setting(s) {', '.join(sorted(unknown))}")
+        return cls(transformer, autoencoder, TextEncoder.load(device), schedule, settings.get("fps", 8.0), device,
+                   SamplingSettings(**settings.get("sampling", {})))
 
     def compile(self) -> "TextToVideo":
         """Run the transformer through torch.compile from now on: faster at every step once warm.
@@ -126,7 +146,12 @@ class TextToVideo:
         if frames < 1 or (frames - 1) % step or frames > MAX_FRAMES:
             raise ValueError(f"{frames} frames is not supported: 1 + {step}k frames, at most {MAX_FRAMES}")
 
-    def check_sampling(self, steps: int, guidance: float, sampler: str = "stochastic"):
+    def sampling_for(self, steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> SamplingSettings:
+        """The settings a generation with these arguments uses (None: the model's own), once checked."""
+        default = self.sampling
+        steps = default.steps if steps is None else steps
+        guidance = default.guidance if guidance is None else guidance
+        sampler = default.sampler if sampler is None else sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
@@ -134,14 +159,16 @@ class TextToVideo:
         low, high = self.transformer.cfg.distilled_guidance or (0.0, MAX_GUIDANCE)  # a distilled model knows only its range
         if not low <= guidance <= high:  # NaN fails this too
             raise ValueError(f"guidance must be between {low:g} and {high:g} for this model, got {guidance!r}")
+        return SamplingSettings(steps, guidance, sampler)
 
     # -- generation -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(self, prompt: str, width: int = 128, height: int = 128, frames: int = 17, steps: int = 20,
-                 guidance: float = 4.0, seed: int = 0, sampler: str = "stochastic", on_step=None) -> GeneratedVideo:
+    def __call__(self, prompt: str, width: int = 128, height: int = 128, frames: int = 17, steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0, sampler: str | None = None, on_step=None) -> GeneratedVideo:
+        """Sampling settings left None are the model's own (`self.sampling`)."""
         self.check_request(prompt, width, height, frames)
-        self.check_sampling(steps, guidance, sampler)
+        steps, guidance, sampler = astuple(self.sampling_for(steps, guidance, sampler))
         timings = {}
         start = self._clock()
         text, mask = (v.to(self.device) for v in self.text_encoder.encode([prompt]))

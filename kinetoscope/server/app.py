@@ -10,6 +10,7 @@ import re
 import secrets
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -40,7 +41,8 @@ class Server:
     """What the routes share: settings, database, storage, limits and the job runner."""
 
     def __init__(self, settings: ServerSettings, pipelines: list):
-        self.settings = settings
+        sampling = pipelines[0].sampling_for(settings.steps, settings.guidance)  # settings left None: the model's own
+        settings = self.settings = replace(settings, steps=sampling.steps, guidance=sampling.guidance)
         self.sessions = db.open_database(settings.database)
         self.storage = VideoStorage(settings.videos_dir)
         self.limiter = access.RateLimiter(settings.requests_per_minute)

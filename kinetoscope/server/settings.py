@@ -18,8 +18,8 @@ OPENAI_MODEL_ALIASES = ("sora-2", "sora-2-pro", "sora-2-2025-10-06", "sora-2-pro
 class ServerSettings:
     data_dir: Path = DEFAULT_DATA_DIR
     database_url: str | None = None  # default: SQLite in data_dir
-    steps: int = 20
-    guidance: float = 4.0
+    steps: int | None = None  # None: the model's own sampling settings (TextToVideo.sampling)
+    guidance: float | None = None
     default_size: tuple[int, int] = (128, 128)
     default_seconds: int = 4  # OpenAI's default
     videos_per_day: int = 200  # per key, unless the key has its own quota

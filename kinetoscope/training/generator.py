@@ -352,12 +352,13 @@ def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory
     """Generate the recipe's sample prompts with the EMA weights, judge them, save a contact sheet."""
     from kinetoscope.eval.judge import judge
     from kinetoscope.media.frames import save_contact_sheet
-    from kinetoscope.pipelines.text_to_video import TextToVideo
+    from kinetoscope.pipelines.text_to_video import SamplingSettings, TextToVideo
 
-    pipe = TextToVideo(ema, autoencoder, text_encoder, schedule, recipe["data"]["fps"], device)
+    pipe = TextToVideo(ema, autoencoder, text_encoder, schedule, recipe["data"]["fps"], device,
+                       SamplingSettings(**sample_settings(recipe)))
     clips, labels, passed = [], [], 0
     for i, prompt in enumerate(recipe["eval"]["prompts"]):
-        video = pipe(prompt, seed=i, steps=recipe["eval"]["steps"], guidance=recipe["eval"]["guidance"])
+        video = pipe(prompt, seed=i)
         verdict = judge(video.frames, parse_prompt(prompt), video.fps)
         passed += verdict.passed
         clips.append(video.frames)
@@ -365,6 +366,11 @@ def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory
     run.log({"step": step, "eval_judge_pass": passed / len(clips)})
     save_contact_sheet(run.root / "samples" / f"samples_{step:06d}.png", clips, labels)
     run.plot_loss(("loss", *map(band_key, range(len(TIME_BUCKETS) - 1))), title=f"generator loss (judge pass {passed}/{len(clips)} at step {step})")
+
+
+def sample_settings(recipe: dict) -> dict:
+    """[eval] steps and guidance: how a run's samples are drawn, and so its export's own defaults."""
+    return {"steps": recipe["eval"]["steps"], "guidance": recipe["eval"]["guidance"]}
 
 
 def export(ema, recipe: dict, run: RunDirectory, step: int, elapsed: float, device) -> Path:
@@ -378,7 +384,8 @@ def export(ema, recipe: dict, run: RunDirectory, step: int, elapsed: float, devi
         # The autoencoder it was trained with travels with it, the default one too: a later default
         # with other latents must not decode this generator's.
         shutil.copytree(recipe["data"].get("autoencoder") or default_weights_dir(), folder / "autoencoder")
-        settings = {"fps": recipe["data"]["fps"], "schedule": recipe.get("schedule", {}), "autoencoder": "autoencoder"}
+        settings = {"fps": recipe["data"]["fps"], "schedule": recipe.get("schedule", {}), "autoencoder": "autoencoder",
+                    "sampling": sample_settings(recipe)}
         (folder / "pipeline.json").write_text(json.dumps(settings, indent=2) + "\n")
 
     final = replace_folder(run.root / "final", write)
