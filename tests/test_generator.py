@@ -573,6 +573,11 @@ def test_eval_scores_true_renders_right_and_blank_ones_wrong(monkeypatch):
     blank = generation.evaluate_generator(RenderingPipe(scenes, blank=True), per_tier=4)
     assert all(scores["fully_right"] == 0 for scores in blank["tiers"].values())
     assert len(blank["failures"]) == 8 and all(scores["attributes"]["count"] == 0 for scores in blank["tiers"].values())
+    for scores in blank["tiers"].values():  # every named object's count checked once, none passed
+        assert scores["checks"]["count"]["passed"] == 0 and scores["checks"]["count"]["of"] >= 4
+        assert all(0 <= c["passed"] <= c["of"] for c in scores["checks"].values())
+    for scores in truth["tiers"].values():
+        assert all(c["passed"] / c["of"] == scores["attributes"][name] for name, c in scores["checks"].items())
 
 
 # -- the shipped default model ------------------------------------------------------------------------
@@ -772,6 +777,11 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
     assert "3 steps of euler, guidance 2.5" in capsys.readouterr().out
     assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--weights", str(weights)]) == 0
     assert "3/3" in capsys.readouterr().err  # the progress bar counts the model's steps
+    assert main(["eval", "--per-tier", "1", "--report", str(tmp_path / "eval.json"), "--weights", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert "sampling: 3 steps of euler, guidance 2.5" in out
+    checks = [c for scores in json.loads((tmp_path / "eval.json").read_text())["tiers"].values() for c in scores["checks"].values()]
+    assert f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)}" in out
 
     for broken, message in [({"stepz": 3}, "unknown sampling setting(s) stepz"),
                             ({}, "default sampling settings are not ones it can take: guidance must be between 1 and 3"),

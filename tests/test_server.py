@@ -280,7 +280,7 @@ def test_pausing_access_refuses_everyone_until_resumed(server, client):
         assert refused.value.status_code == 503 and refused.value.code == "access_paused"
     finally:
         run_cli("access", "resume", "--data", str(server.data))
-    client.models.list()
+    client.videos.create(prompt="a red circle", **SMALL)  # the key works again, and its request is audited
     log = run_cli("audit", "--data", str(server.data))
     assert "access.pause" in log and "access.resume" in log and "video.create" in log
 

@@ -125,6 +125,8 @@ def run_eval(args) -> int:
     for tier, scores in result["tiers"].items():
         attributes = ", ".join(f"{name} {rate:.0%}" for name, rate in scores["attributes"].items())
         print(f"{tier}: {scores['fully_right']:.1%} of {scores['prompts']} prompts fully right; per attribute: {attributes}")
+    checks = [count for scores in result["tiers"].values() for count in scores["checks"].values()]
+    print(f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)} (all tiers)")
     for item, failed in result["failures"][:10]:
         print(f"  failed [{item.tier}] {item.prompt!r}: {'; '.join(failed)}")
     if report is not None:

@@ -40,7 +40,9 @@ def held_out_prompts(per_tier: int, seed: int = EVAL_SEED, seconds: float = EVAL
 
 
 def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, progress=None) -> dict:
-    """{tier: {"prompts", "fully_right", "attributes": {name: pass rate}}} and the failures."""
+    """{tier: {"prompts", "fully_right", "attributes": {name: pass rate}, "checks": {name: {"passed", "of"}}}}
+    and the failures. A prompt checks an attribute once per object it names (relation once), so the
+    counts say how many checks each rate rests on."""
     settings = {"frames": pipe.frames_for(EVAL_SECONDS), **(settings or {})}  # the scenes' length at the model's frame rate
     passed = defaultdict(list)
     attributes = defaultdict(lambda: defaultdict(list))
@@ -60,6 +62,7 @@ def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, p
             "prompts": len(results),
             "fully_right": float(np.mean(results)),
             "attributes": {name: float(np.mean(v)) for name, v in sorted(attributes[tier].items())},
+            "checks": {name: {"passed": int(np.sum(v)), "of": len(v)} for name, v in sorted(attributes[tier].items())},
         }
         for tier, results in passed.items()
     }
