@@ -39,7 +39,7 @@ def parse_args():
     parser.add_argument("--videos-per-creator", type=int, default=2)
     parser.add_argument("--size", default="64x64")
     parser.add_argument("--seconds", default="2")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, help="sampling steps per video (default: the model's own)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--poll-interval", type=float, default=0.25, help="seconds between one poller's requests")
     return parser.parse_args()
@@ -53,8 +53,10 @@ def free_port() -> int:
 
 def start_server(args, data: Path, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "kinetoscope", "serve", "--port", str(port), "--data", str(data),
-               "--steps", str(args.steps), "--workers", str(args.workers), "--log-level", "warning",
+               "--workers", str(args.workers), "--log-level", "warning",
                "--rate-limit", "1000000", "--max-concurrent", "1000", "--quota", "1000000"]
+    if args.steps is not None:
+        command += ["--steps", str(args.steps)]
     if args.weights:
         command += ["--weights", args.weights]
     server = subprocess.Popen(command)
@@ -139,7 +141,7 @@ def report(args, result: dict) -> bool:
     expected = args.creators * args.videos_per_creator
     completed = sum(video.status == "completed" for video in finals)
     print(f"{args.pollers} polling clients, {args.creators} creating clients, {expected} videos "
-          f"({args.size}, {args.seconds} s, {args.steps} steps, {args.workers} worker(s)) in {result['wall']:.1f} s")
+          f"({args.size}, {args.seconds} s, {args.steps or "the model's own"} steps, {args.workers} worker(s)) in {result['wall']:.1f} s")
     ms = lambda seconds: f"{seconds * 1000:.1f} ms"  # noqa: E731
     print(f"status requests: {len(status)}, p50 {ms(statistics.median(status))}, p99 {ms(percentile(status, 0.99))}, "
           f"max {ms(max(status))}")

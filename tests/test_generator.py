@@ -12,7 +12,7 @@ import torch
 
 from kinetoscope.cli import common, main
 from kinetoscope.data.dataset import DEFAULT_BUCKETS, Bucket, ShapesWorldDataset
-from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, euler_sample, heun_sample, shift_time, stochastic_sample
+from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, euler_sample, heun_sample, shift_time, stochastic_sample, velocity_evaluations
 from kinetoscope.media.video import video_info
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from kinetoscope.models.dit import MODEL_SIZES, DiffusionTransformer, config_for
@@ -325,7 +325,7 @@ def test_steps_guidance_and_sampler_change_what_they_should(pipe, monkeypatch):
     assert calls == [1, 1, 1]  # guidance 1 is the conditional model alone
     calls.clear()
     heun = run(steps=3, guidance=1.0, sampler="heun")
-    assert len(calls) == 5  # two evaluations per step but the last
+    assert len(calls) == 5 == velocity_evaluations("heun", 3)  # two evaluations per step but the last; bench counts them so
     calls.clear()
     more_steps = run(steps=6, guidance=1.0)
     assert len(calls) == 6
@@ -757,10 +757,8 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
     distilled_student(tiny_transformer(), (1.0, 3.0)).save_pretrained(weights)
     VideoAutoencoder(TINY_AE).save_pretrained(tmp_path / "autoencoder")
 
-    def settings(**sampling):
-        (weights / "pipeline.json").write_text(json.dumps({"autoencoder": "../autoencoder", "fps": 8.0, "sampling": sampling}))
-
-    settings(steps=3, guidance=2.5, sampler="euler")
+    sampling = {"steps": 3, "guidance": 2.5, "sampler": "euler"}
+    (weights / "pipeline.json").write_text(json.dumps({"autoencoder": "../autoencoder", "fps": 8.0, "sampling": sampling}))
     pipe = TextToVideo.load(weights)
     assert pipe.sampling == SamplingSettings(3, 2.5, "euler")
     seen = []
@@ -780,13 +778,20 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
     assert main(["eval", "--per-tier", "1", "--report", str(tmp_path / "eval.json"), "--weights", str(weights)]) == 0
     out = capsys.readouterr().out
     assert "sampling: 3 steps of euler, guidance 2.5" in out
-    checks = [c for scores in json.loads((tmp_path / "eval.json").read_text())["tiers"].values() for c in scores["checks"].values()]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["sampling"] == sampling
+    checks = [c for scores in report["tiers"].values() for c in scores["checks"].values()]
     assert f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)}" in out
 
-    for broken, message in [({"stepz": 3}, "unknown sampling setting(s) stepz"),
-                            ({}, "default sampling settings are not ones it can take: guidance must be between 1 and 3"),
-                            ({"steps": 0}, "steps must be a whole number")]:
-        settings(**broken)  # {}: the shipped model's guidance, 4, which this student does not know
+    (weights / "pipeline.json").write_text(json.dumps({"autoencoder": "../autoencoder"}))  # names none: the usual ones,
+    assert TextToVideo.load(weights).sampling == SamplingSettings(20, 3.0, "stochastic")  # 4 brought into its range
+    for broken, message in [({"sampling": {"stepz": 3}}, "unknown sampling setting(s) stepz"),
+                            ({"sampling": "fast"}, '"sampling" must be an object'),
+                            ({"sampling": {"guidance": 4.0}}, 'own sampling settings (pipeline.json "sampling") are not ones it can take: '
+                                                              "guidance must be between 1 and 3"),
+                            ({"sampling": {"guidance": "2"}}, "guidance must be between 1 and 3 for this model, got '2'"),
+                            ({"sampling": {"steps": 0}}, "steps must be a whole number")]:
+        (weights / "pipeline.json").write_text(json.dumps({"autoencoder": "../autoencoder", **broken}))
         assert main(["generate", "a red circle", "-o", str(tmp_path / "y.png"), "--weights", str(weights)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err

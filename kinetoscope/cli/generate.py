@@ -106,6 +106,7 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     import json
+    from dataclasses import asdict
 
     from tqdm import tqdm
 
@@ -123,7 +124,8 @@ def run_eval(args) -> int:
         result = evaluate_generator(pipe, args.per_tier, {"steps": sampling.steps, "guidance": sampling.guidance},
                                     progress=lambda item, verdict: bar.update(1))
     for tier, scores in result["tiers"].items():
-        attributes = ", ".join(f"{name} {rate:.0%}" for name, rate in scores["attributes"].items())
+        attributes = ", ".join(f"{name} {rate:.0%} ({checks['passed']}/{checks['of']})"
+                               for (name, rate), checks in zip(scores["attributes"].items(), scores["checks"].values()))
         print(f"{tier}: {scores['fully_right']:.1%} of {scores['prompts']} prompts fully right; per attribute: {attributes}")
     checks = [count for scores in result["tiers"].values() for count in scores["checks"].values()]
     print(f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)} (all tiers)")
@@ -133,7 +135,8 @@ def run_eval(args) -> int:
         failures = [{"tier": item.tier, "prompt": item.prompt, "failed": failed} for item, failed in result["failures"]]
         try:
             with atomic_output(report) as temporary:
-                temporary.write_text(json.dumps({"tiers": result["tiers"], "failures": failures}, indent=2) + "\n")
+                temporary.write_text(json.dumps({"sampling": asdict(sampling), "tiers": result["tiers"], "failures": failures},
+                                                indent=2) + "\n")
         except OSError as error:
             raise common.UsageError(f"cannot write {report}: {error}") from None
     return 0

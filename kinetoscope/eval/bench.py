@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from kinetoscope.diffusion.rectified_flow import velocity_evaluations
 from kinetoscope.models.precision import compute_dtype
 
 # Prompts of different lengths and words; the encoder's cache is cleared before each timed run, so
@@ -85,7 +86,7 @@ def benchmark_generation(pipe, width=128, height=128, frames=17, steps=None, gui
     stages = {stage: float(np.median([r[stage] for r in runs])) for stage in runs[0]}
     total = sum(stages.values())
     clip_seconds = (frames - 1) / pipe.fps
-    flops = denoiser_flops(pipe, width, height, frames, guidance) * steps
+    flops = denoiser_flops(pipe, width, height, frames, guidance) * velocity_evaluations(sampling.sampler, steps)
     dtype = compute_dtype(pipe.device)
     peak = matmul_rate(dtype, device=pipe.device.type)
     return {

@@ -41,8 +41,9 @@ def held_out_prompts(per_tier: int, seed: int = EVAL_SEED, seconds: float = EVAL
 
 def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, progress=None) -> dict:
     """{tier: {"prompts", "fully_right", "attributes": {name: pass rate}, "checks": {name: {"passed", "of"}}}}
-    and the failures. A prompt checks an attribute once per object it names (relation once), so the
-    counts say how many checks each rate rests on."""
+    and the failures. The judge checks each named group of objects (count, shape, size, motion,
+    speed where named, steadiness), a named relation and background once, and extra objects once
+    per prompt, so the counts say how many checks each rate rests on."""
     settings = {"frames": pipe.frames_for(EVAL_SECONDS), **(settings or {})}  # the scenes' length at the model's frame rate
     passed = defaultdict(list)
     attributes = defaultdict(lambda: defaultdict(list))

@@ -46,9 +46,9 @@ def pad_tokens(text: torch.Tensor, mask: torch.Tensor, multiple: int):
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """What a generation uses where its caller names nothing. A model folder's pipeline.json may
-    name its own under "sampling": a guidance-distilled model knows only its guidance range, say,
-    and may need fewer steps."""
+    """How a video is sampled. A model's own (`TextToVideo.sampling`) are what a generation uses
+    where its caller names nothing; its folder's pipeline.json may name them under "sampling" (a
+    guidance-distilled model knows only its guidance range, say, and may need fewer steps)."""
     steps: int = 20
     guidance: float = 4.0
     sampler: str = "stochastic"
@@ -65,7 +65,7 @@ class GeneratedVideo:
 class TextToVideo:
     def __init__(self, transformer: DiffusionTransformer, autoencoder: VideoAutoencoder, text_encoder: TextEncoder,
                  schedule: FlowSchedule = FlowSchedule(), fps: float = 8.0, device: str | torch.device = "cpu",
-                 sampling: SamplingSettings = SamplingSettings()):
+                 sampling: SamplingSettings | None = None):
         if transformer.cfg.latent_channels != autoencoder.cfg.latent_channels:
             raise ValueError(f"the transformer denoises {transformer.cfg.latent_channels} latent channels but the autoencoder "
                              f"makes {autoencoder.cfg.latent_channels}: name the transformer's own autoencoder in pipeline.json")
@@ -78,11 +78,14 @@ class TextToVideo:
         self.text_encoder = text_encoder
         self.schedule = schedule
         self.fps = fps  # the frame rate the model was trained at
+        if sampling is None:  # the usual settings, with the guidance brought into a distilled model's range
+            low, high = self.guidance_range
+            sampling = SamplingSettings(guidance=min(max(SamplingSettings.guidance, low), high))
         self.sampling = sampling
         try:
             self.sampling_for()
         except ValueError as error:
-            raise ValueError(f"the model's default sampling settings are not ones it can take: {error}") from None
+            raise ValueError(f'the model\'s own sampling settings (pipeline.json "sampling") are not ones it can take: {error}') from None
 
     @classmethod
     def load(cls, weights: str | Path | None = None, device: str | None = None) -> "TextToVideo":
@@ -94,11 +97,14 @@ class TextToVideo:
         autoencoder_dir = directory / settings["autoencoder"] if "autoencoder" in settings else None
         autoencoder = VideoAutoencoder.from_pretrained(autoencoder_dir)
         schedule = FlowSchedule(**settings.get("schedule", {}))
-        unknown = set(settings.get("sampling", {})) - set(SamplingSettings.__dataclass_fields__)
+        sampling = settings.get("sampling")
+        if sampling is not None and not isinstance(sampling, dict):
+            raise ValueError(f'{directory / "pipeline.json"}: "sampling" must be an object of steps, guidance and sampler')
+        unknown = set(sampling or {}) - set(SamplingSettings.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{directory / 'pipeline.json'}: unknown sampling setting(s) {', '.join(sorted(unknown))}")
         return cls(transformer, autoencoder, TextEncoder.load(device), schedule, settings.get("fps", 8.0), device,
-                   SamplingSettings(**settings.get("sampling", {})))
+                   None if sampling is None else SamplingSettings(**sampling))
 
     def compile(self) -> "TextToVideo":
         """Run the transformer through torch.compile from now on: faster at every step once warm.
@@ -146,6 +152,10 @@ class TextToVideo:
         if frames < 1 or (frames - 1) % step or frames > MAX_FRAMES:
             raise ValueError(f"{frames} frames is not supported: 1 + {step}k frames, at most {MAX_FRAMES}")
 
+    @property
+    def guidance_range(self) -> tuple[float, float]:
+        return self.transformer.cfg.distilled_guidance or (0.0, MAX_GUIDANCE)  # a distilled model knows only its range
+
     def sampling_for(self, steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> SamplingSettings:
         """The settings a generation with these arguments uses (None: the model's own), once checked."""
         default = self.sampling
@@ -156,8 +166,8 @@ class TextToVideo:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
-        low, high = self.transformer.cfg.distilled_guidance or (0.0, MAX_GUIDANCE)  # a distilled model knows only its range
-        if not low <= guidance <= high:  # NaN fails this too
+        low, high = self.guidance_range
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not low <= guidance <= high:  # NaN fails too
             raise ValueError(f"guidance must be between {low:g} and {high:g} for this model, got {guidance!r}")
         return SamplingSettings(steps, guidance, sampler)
 

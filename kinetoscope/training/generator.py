@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -352,10 +352,9 @@ def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory
     """Generate the recipe's sample prompts with the EMA weights, judge them, save a contact sheet."""
     from kinetoscope.eval.judge import judge
     from kinetoscope.media.frames import save_contact_sheet
-    from kinetoscope.pipelines.text_to_video import SamplingSettings, TextToVideo
+    from kinetoscope.pipelines.text_to_video import TextToVideo
 
-    pipe = TextToVideo(ema, autoencoder, text_encoder, schedule, recipe["data"]["fps"], device,
-                       SamplingSettings(**sample_settings(recipe)))
+    pipe = TextToVideo(ema, autoencoder, text_encoder, schedule, recipe["data"]["fps"], device, sample_settings(recipe))
     clips, labels, passed = [], [], 0
     for i, prompt in enumerate(recipe["eval"]["prompts"]):
         video = pipe(prompt, seed=i)
@@ -368,9 +367,11 @@ def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory
     run.plot_loss(("loss", *map(band_key, range(len(TIME_BUCKETS) - 1))), title=f"generator loss (judge pass {passed}/{len(clips)} at step {step})")
 
 
-def sample_settings(recipe: dict) -> dict:
-    """[eval] steps and guidance: how a run's samples are drawn, and so its export's own defaults."""
-    return {"steps": recipe["eval"]["steps"], "guidance": recipe["eval"]["guidance"]}
+def sample_settings(recipe: dict):
+    """[eval] steps and guidance: how a run's samples are drawn, and so its export's own settings."""
+    from kinetoscope.pipelines.text_to_video import SamplingSettings
+
+    return SamplingSettings(steps=recipe["eval"]["steps"], guidance=float(recipe["eval"]["guidance"]))
 
 
 def export(ema, recipe: dict, run: RunDirectory, step: int, elapsed: float, device) -> Path:
@@ -385,7 +386,7 @@ def export(ema, recipe: dict, run: RunDirectory, step: int, elapsed: float, devi
         # with other latents must not decode this generator's.
         shutil.copytree(recipe["data"].get("autoencoder") or default_weights_dir(), folder / "autoencoder")
         settings = {"fps": recipe["data"]["fps"], "schedule": recipe.get("schedule", {}), "autoencoder": "autoencoder",
-                    "sampling": sample_settings(recipe)}
+                    "sampling": asdict(sample_settings(recipe))}
         (folder / "pipeline.json").write_text(json.dumps(settings, indent=2) + "\n")
 
     final = replace_folder(run.root / "final", write)
