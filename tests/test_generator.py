@@ -558,6 +558,7 @@ def test_eval_scores_true_renders_right_and_blank_ones_wrong(monkeypatch):
     prompts = generation.held_out_prompts(4)
     monkeypatch.setattr(captions, "caption_variants", recording_variants)
     assert generation.held_out_prompts(4) == prompts  # the same seeded prompts on every call
+    assert generation.held_out_prompts(4, seed=778) != prompts  # `eval --prompt-seed`: another sample
     assert {item.tier for item in prompts} == set(generation.TIERS) and len(prompts) == 8
     assert not any(captions.is_heldout_scene(scenes[p.prompt]) for p in prompts if p.tier == "unseen phrasings")
     assert all(captions.is_heldout_scene(scenes[p.prompt]) for p in prompts if p.tier == "unseen combinations")
@@ -779,7 +780,7 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
     out = capsys.readouterr().out
     assert "sampling: 3 steps of euler, guidance 2.5" in out
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["sampling"] == sampling
+    assert report["sampling"] == sampling and report["prompt_seed"] == 777
     checks = [c for scores in report["tiers"].values() for c in scores["checks"].values()]
     assert f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)}" in out
 

@@ -27,6 +27,8 @@ def register(subparsers):
 
     evaluate = subparsers.add_parser("eval", help="generate held-out prompts and score them with the judge")
     evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
+    evaluate.add_argument("--prompt-seed", type=common.seed, default=777,  # generation.EVAL_SEED, named here so --help needs no torch
+                          help="which sample of held-out prompts (default 777, the one every README figure uses)")
     common.add_sampling_arguments(evaluate)
     evaluate.add_argument("--weights", help="generator folder (default: the shipped model)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
@@ -122,7 +124,7 @@ def run_eval(args) -> int:
     print(f"sampling: {sampling.steps} steps of {sampling.sampler}, guidance {sampling.guidance:g}")
     with tqdm(total=args.per_tier * len(TIERS), desc="held-out prompts", unit="clip") as bar:
         result = evaluate_generator(pipe, args.per_tier, {"steps": sampling.steps, "guidance": sampling.guidance},
-                                    progress=lambda item, verdict: bar.update(1))
+                                    progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
     for tier, scores in result["tiers"].items():
         attributes = ", ".join(f"{name} {rate:.0%} ({checks['passed']}/{checks['of']})"
                                for (name, rate), checks in zip(scores["attributes"].items(), scores["checks"].values()))
@@ -135,8 +137,9 @@ def run_eval(args) -> int:
         failures = [{"tier": item.tier, "prompt": item.prompt, "failed": failed} for item, failed in result["failures"]]
         try:
             with atomic_output(report) as temporary:
-                temporary.write_text(json.dumps({"sampling": asdict(sampling), "tiers": result["tiers"], "failures": failures},
-                                                indent=2) + "\n")
+                report_data = {"prompt_seed": args.prompt_seed, "sampling": asdict(sampling), "tiers": result["tiers"],
+                               "failures": failures}
+                temporary.write_text(json.dumps(report_data, indent=2) + "\n")
         except OSError as error:
             raise common.UsageError(f"cannot write {report}: {error}") from None
     return 0

@@ -39,7 +39,7 @@ def held_out_prompts(per_tier: int, seed: int = EVAL_SEED, seconds: float = EVAL
     return prompts
 
 
-def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, progress=None) -> dict:
+def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, progress=None, seed: int = EVAL_SEED) -> dict:
     """{tier: {"prompts", "fully_right", "attributes": {name: pass rate}, "checks": {name: {"passed", "of"}}}}
     and the failures. The judge checks each named group of objects (count, shape, size, motion,
     speed where named, steadiness), a named relation and background once, and extra objects once
@@ -48,7 +48,7 @@ def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, p
     passed = defaultdict(list)
     attributes = defaultdict(lambda: defaultdict(list))
     failures = []
-    for item in held_out_prompts(per_tier):
+    for item in held_out_prompts(per_tier, seed):
         video = pipe(item.prompt, **settings)
         verdict = judge(video.frames, captions.parse_prompt(item.prompt), video.fps)
         passed[item.tier].append(verdict.passed)
