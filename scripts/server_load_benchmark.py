@@ -140,8 +140,9 @@ def report(args, result: dict) -> bool:
     status, create, finals = result["status"], result["create"], result["finals"]
     expected = args.creators * args.videos_per_creator
     completed = sum(video.status == "completed" for video in finals)
+    steps = args.steps or "the model's own"
     print(f"{args.pollers} polling clients, {args.creators} creating clients, {expected} videos "
-          f"({args.size}, {args.seconds} s, {args.steps or "the model's own"} steps, {args.workers} worker(s)) in {result['wall']:.1f} s")
+          f"({args.size}, {args.seconds} s, {steps} steps, {args.workers} worker(s)) in {result['wall']:.1f} s")
     ms = lambda seconds: f"{seconds * 1000:.1f} ms"  # noqa: E731
     print(f"status requests: {len(status)}, p50 {ms(statistics.median(status))}, p99 {ms(percentile(status, 0.99))}, "
           f"max {ms(max(status))}")

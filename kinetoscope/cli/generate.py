@@ -126,8 +126,7 @@ def run_eval(args) -> int:
         result = evaluate_generator(pipe, args.per_tier, {"steps": sampling.steps, "guidance": sampling.guidance},
                                     progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
     for tier, scores in result["tiers"].items():
-        attributes = ", ".join(f"{name} {rate:.0%} ({checks['passed']}/{checks['of']})"
-                               for (name, rate), checks in zip(scores["attributes"].items(), scores["checks"].values()))
+        attributes = ", ".join(f"{name} {scores['attributes'][name]:.0%} ({c['passed']}/{c['of']})" for name, c in scores["checks"].items())
         print(f"{tier}: {scores['fully_right']:.1%} of {scores['prompts']} prompts fully right; per attribute: {attributes}")
     checks = [count for scores in result["tiers"].values() for count in scores["checks"].values()]
     print(f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)} (all tiers)")

@@ -54,6 +54,19 @@ class SamplingSettings:
     sampler: str = "stochastic"
 
 
+def checked_sampling(steps, guidance, sampler: str, guidance_range: tuple[float, float] | None = None) -> SamplingSettings:
+    """These settings, once a model whose guidance range is `guidance_range` (None: any useful
+    scale; a distilled model knows only its own) can take them; else a ValueError saying why."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+    low, high = guidance_range or (0.0, MAX_GUIDANCE)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not low <= guidance <= high:  # NaN fails too
+        raise ValueError(f"guidance must be between {low:g} and {high:g} for this model, got {guidance!r}")
+    return SamplingSettings(steps, guidance, sampler)
+
+
 @dataclass
 class GeneratedVideo:
     frames: np.ndarray  # uint8 (T, H, W, 3)
@@ -154,22 +167,13 @@ class TextToVideo:
 
     @property
     def guidance_range(self) -> tuple[float, float]:
-        return self.transformer.cfg.distilled_guidance or (0.0, MAX_GUIDANCE)  # a distilled model knows only its range
+        return self.transformer.cfg.distilled_guidance or (0.0, MAX_GUIDANCE)
 
     def sampling_for(self, steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> SamplingSettings:
         """The settings a generation with these arguments uses (None: the model's own), once checked."""
         default = self.sampling
-        steps = default.steps if steps is None else steps
-        guidance = default.guidance if guidance is None else guidance
-        sampler = default.sampler if sampler is None else sampler
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
-        low, high = self.guidance_range
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not low <= guidance <= high:  # NaN fails too
-            raise ValueError(f"guidance must be between {low:g} and {high:g} for this model, got {guidance!r}")
-        return SamplingSettings(steps, guidance, sampler)
+        return checked_sampling(default.steps if steps is None else steps, default.guidance if guidance is None else guidance,
+                                default.sampler if sampler is None else sampler, self.guidance_range)
 
     # -- generation -----------------------------------------------------------------------------
 

@@ -185,7 +185,7 @@ def check_eval_settings(settings: dict, guidance_range: tuple[float, float] | No
     """The judge scores the samples, so every eval prompt must be in the world's grammar, and the
     sampler must take the settings (a distilled model only its range of guidance): fail now, not
     at step 500 (or, at the end, before the export)."""
-    from kinetoscope.pipelines.text_to_video import MAX_GUIDANCE, MAX_STEPS
+    from kinetoscope.pipelines.text_to_video import SamplingSettings, checked_sampling
 
     if not isinstance(settings["prompts"], list) or not settings["prompts"]:
         raise RecipeError("[eval] prompts must be a list of at least one prompt")
@@ -194,12 +194,10 @@ def check_eval_settings(settings: dict, guidance_range: tuple[float, float] | No
             parse_prompt(prompt)
         except (PromptError, TypeError) as error:
             raise RecipeError(f"[eval] prompts: {error}") from None
-    steps, guidance = settings["steps"], settings["guidance"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise RecipeError(f"[eval] steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
-    low, high = guidance_range or (0.0, MAX_GUIDANCE)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not low <= guidance <= high:
-        raise RecipeError(f"[eval] guidance must be a number from {low:g} to {high:g}, not {guidance!r}")
+    try:
+        checked_sampling(settings["steps"], settings["guidance"], SamplingSettings.sampler, guidance_range)
+    except ValueError as error:
+        raise RecipeError(f"[eval] {error}") from None
 
 
 def agreed(fraction: float, world_size: int, device: torch.device) -> float:
