@@ -783,6 +783,11 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
     assert report["sampling"] == sampling and report["prompt_seed"] == 777
     checks = [c for scores in report["tiers"].values() for c in scores["checks"].values()]
     assert f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)}" in out
+    assert main(["eval", "--per-tier", "1", "--sampler", "heun", "--report", str(tmp_path / "eval.json"), "--weights", str(weights)]) == 0
+    assert "sampling: 3 steps of heun" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text())["sampling"]["sampler"] == "heun"
+    assert main(["bench", "--repeats", "1", "--size", "32x32", "--seconds", "1", "--sampler", "heun", "--weights", str(weights)]) == 0
+    assert "3 steps of heun" in capsys.readouterr().out
 
     (weights / "pipeline.json").write_text(json.dumps({"autoencoder": "../autoencoder"}))  # names none: the usual ones,
     assert TextToVideo.load(weights).sampling == SamplingSettings(20, 3.0, "stochastic")  # 4 brought into its range

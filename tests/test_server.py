@@ -578,13 +578,30 @@ def test_videos_sample_with_the_models_own_settings_unless_the_server_is_told_ot
     from kinetoscope.server.settings import ServerSettings
 
     pipe = TextToVideo.load(weights_dir)
-    pipe.sampling = SamplingSettings(steps=3, guidance=2.5)  # as a pipeline.json "sampling" would name them
-    for settings, expected in [(ServerSettings(data_dir=tmp_path / "own"), (3, 2.5)),
-                               (ServerSettings(data_dir=tmp_path / "told", steps=5, guidance=1.0), (5, 1.0))]:
+    pipe.sampling = SamplingSettings(steps=3, guidance=2.5, sampler="euler")  # as a pipeline.json "sampling" would name them
+    for settings, expected in [(ServerSettings(data_dir=tmp_path / "own"), (3, 2.5, "euler")),
+                               (ServerSettings(data_dir=tmp_path / "told", steps=5, guidance=1.0, sampler="heun"), (5, 1.0, "heun"))]:
         secret = access.create_key(db.open_database(settings.database), "artist").secret
         app = create_app(settings, [pipe])
         response = TestClient(app).post("/v1/videos", json={"prompt": "a red circle", **SMALL},
                                         headers={"Authorization": f"Bearer {secret}"})
         assert response.status_code == 200, response.text
         with db.transaction(app.state.server.sessions, write=False) as session:
-            assert session.execute(select(db.Video.steps, db.Video.guidance)).one() == expected
+            assert session.execute(select(db.Video.steps, db.Video.guidance, db.Video.sampler)).one() == expected
+
+
+def test_a_database_from_before_videos_recorded_their_sampler_opens_with_its_videos(tmp_path):
+    import sqlite3
+
+    url = db.database_url_for(tmp_path)
+    sessions = db.open_database(url)
+    access.create_key(sessions, "artist")
+    with db.transaction(sessions) as session:
+        session.add(db.Video(id="video_old", key_id=session.scalar(select(db.ApiKey.id)), status="completed", prompt="a red circle", model="m",
+                             seconds="1", width=32, height=32, frames=9, seed=1, steps=3, guidance=2.0))
+    db.dispose(sessions)
+    with sqlite3.connect(tmp_path / db.DATABASE_FILE) as connection:  # the table as it was before the column
+        connection.execute("ALTER TABLE videos DROP COLUMN sampler")
+    sessions = db.open_database(url)
+    with db.transaction(sessions, write=False) as session:
+        assert session.execute(select(db.Video.id, db.Video.steps, db.Video.sampler)).one() == ("video_old", 3, None)

@@ -124,6 +124,9 @@ def test_recipes_are_checked_before_training(tmp_path):
         ("guidance = 2.0", 'guidance = "high"', "guidance"),
         ("depth = 1 }", "depth = 1, heads = 3 }", "head size"),
         ("[eval]", "[schedule]\nframe_correlation = 1.0\n\n[eval]", "frame_correlation"),
+        ("log_every = 1", "log_every = 1\ntimes = [0.6]", "\\[train\\] times"),
+        ("log_every = 1", "log_every = 1\ntimes = [0.8, 0.6]", "\\[train\\] times"),
+        ("log_every = 1", 'log_every = 1\ntimes = [0.5, "1"]', "\\[train\\] times"),
     )
     for table, wrong, message in misspelt_or_unfit:
         wrong_recipe = tmp_path / "wrong.toml"
@@ -382,3 +385,20 @@ def test_the_autoencoder_loss_weighs_l1_as_the_recipe_says():
     video, recon = torch.zeros(1, 3, 1, 4, 4), torch.full((1, 3, 1, 4, 4), 0.5)
     assert reconstruction_loss(video, recon, l1_weight=0).item() == pytest.approx(0.25)  # squared error alone
     assert reconstruction_loss(video, recon).item() == pytest.approx(0.75)  # L1 0.5 + squared error 0.25
+
+
+def test_a_time_window_trains_on_that_stretch_of_the_samplers_path_only():
+    from kinetoscope.diffusion.rectified_flow import FlowSchedule, shift_time
+    from kinetoscope.models.dit import DiffusionTransformer, config_for
+    from kinetoscope.training.generator import diffusion_loss
+
+    torch.manual_seed(0)
+    model = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=1))
+    latents, text, mask = torch.randn(64, 8, 2, 4, 4), torch.randn(64, 3, model.cfg.text_dim), torch.ones(64, 3, dtype=torch.bool)
+    schedule = FlowSchedule(reference_tokens=4)  # 8 tokens a clip: shift sqrt(2), so the window's ends move
+    shift = schedule.shift(model.token_count(latents.shape))
+    _, t = diffusion_loss(model, latents, text, mask, schedule, caption_dropout=0.0, window=(0.6, 1.0))
+    assert shift_time(torch.tensor(0.6), shift) <= t.min() and t.max() <= 1.0
+    assert t.min() < shift_time(torch.tensor(0.7), shift) and t.max() > shift_time(torch.tensor(0.9), shift)  # the whole window
+    _, everywhere = diffusion_loss(model, latents, text, mask, schedule, caption_dropout=0.0)
+    assert everywhere.min() < shift_time(torch.tensor(0.6), shift)  # without one, the whole path

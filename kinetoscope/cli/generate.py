@@ -16,8 +16,6 @@ def register(subparsers):
     generate.add_argument("--fps", type=common.frame_rate, default=8.0)
     generate.add_argument("--seed", type=common.seed, default=0)
     common.add_sampling_arguments(generate)
-    generate.add_argument("--sampler", choices=("euler", "heun", "stochastic"),  # rectified_flow.SAMPLERS, named here so --help needs no torch
-                          help="default: the model's own (stochastic for the shipped model)")
     generate.add_argument("--weights", help="generator folder (default: the shipped model)")
     generate.set_defaults(handler=run_generate)
 
@@ -58,7 +56,7 @@ def checked_request(pipe, prompt: str, width: int, height: int, seconds: float |
     frames = 1 if seconds is None else pipe.frames_for(seconds)
     try:
         pipe.check_request(prompt, width, height, frames)
-        sampling = pipe.sampling_for(args.steps, args.guidance, getattr(args, "sampler", None))
+        sampling = pipe.sampling_for(args.steps, args.guidance, args.sampler)
     except ValueError as error:
         raise common.UsageError(str(error)) from None
     return frames, sampling
@@ -118,12 +116,12 @@ def run_eval(args) -> int:
     report = common.check_writable_file(args.report, "--report") if args.report else None
     pipe = load_pipeline(args.weights)
     try:
-        sampling = pipe.sampling_for(args.steps, args.guidance)
+        sampling = pipe.sampling_for(args.steps, args.guidance, args.sampler)
     except ValueError as error:
         raise common.UsageError(str(error)) from None
     print(f"sampling: {sampling.steps} steps of {sampling.sampler}, guidance {sampling.guidance:g}")
     with tqdm(total=args.per_tier * len(TIERS), desc="held-out prompts", unit="clip") as bar:
-        result = evaluate_generator(pipe, args.per_tier, {"steps": sampling.steps, "guidance": sampling.guidance},
+        result = evaluate_generator(pipe, args.per_tier, asdict(sampling),
                                     progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
     for tier, scores in result["tiers"].items():
         attributes = ", ".join(f"{name} {scores['attributes'][name]:.0%} ({c['passed']}/{c['of']})" for name, c in scores["checks"].items())
@@ -152,7 +150,7 @@ def run_bench(args) -> int:
     frames, sampling = checked_request(pipe, common.PROBE_PROMPT, width, height, args.seconds, args)
     if args.compile:
         common.compile_and_warm_up(pipe, width, height, frames, sampling.guidance)
-    r = benchmark_generation(pipe, width, height, frames, sampling.steps, sampling.guidance, args.repeats)
+    r = benchmark_generation(pipe, width, height, frames, sampling, args.repeats)
     print(f"transformer: {'compiled by torch.compile' if args.compile else 'eager (--compile to compare)'}")
     stages = ", ".join(f"{k} {v:.3f} s" for k, v in r["stages_s"].items())
     print(f"clip: {r['clip']}")

@@ -99,7 +99,7 @@ def run_serve(args) -> int:
 
     settings = ServerSettings(
         data_dir=args.data, database_url=args.database, steps=args.steps,
-        guidance=args.guidance, default_size=args.default_size, videos_per_day=args.quota,
+        guidance=args.guidance, sampler=args.sampler, default_size=args.default_size, videos_per_day=args.quota,
         requests_per_minute=args.rate_limit, concurrent_jobs_per_key=args.max_concurrent, lease_seconds=args.lease_seconds,
         webhook_retry_seconds=args.webhook_retry_seconds,
     )
@@ -114,7 +114,7 @@ def run_serve(args) -> int:
     except ValueError as error:
         raise common.UsageError(f"--default-size: {error}") from None
     try:
-        sampling = pipelines[0].sampling_for(settings.steps, settings.guidance)
+        sampling = pipelines[0].sampling_for(settings.steps, settings.guidance, settings.sampler)
     except ValueError as error:
         raise common.UsageError(str(error)) from None
     open_sessions(args)  # a bad database is one line here, not a traceback from inside uvicorn

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -70,18 +71,18 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def benchmark_generation(pipe, width=128, height=128, frames=17, steps=None, guidance=None, repeats=5) -> dict:
-    """Sampling settings left None are the model's own."""
-    sampling = pipe.sampling_for(steps, guidance)
+def benchmark_generation(pipe, width=128, height=128, frames=17, sampling=None, repeats=5) -> dict:
+    """`sampling`: SamplingSettings, or None for the model's own."""
+    sampling = sampling or pipe.sampling_for()
     steps, guidance = sampling.steps, sampling.guidance
-    pipe(WARM_UP_PROMPT, width=width, height=height, frames=frames, steps=steps, guidance=guidance)
+    pipe(WARM_UP_PROMPT, width=width, height=height, frames=frames, **asdict(sampling))
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
     runs = []
     for i in range(repeats):
         pipe.text_encoder.clear_cache()  # every run pays for encoding its prompt, as a new prompt would
         runs.append(pipe(BENCH_PROMPTS[i % len(BENCH_PROMPTS)], width=width, height=height, frames=frames,
-                         steps=steps, guidance=guidance, seed=i).timings)
+                         seed=i, **asdict(sampling)).timings)
     memory = peak_memory_mib(pipe.device)  # before the FLOP count and the matmul rate allocate their own
     stages = {stage: float(np.median([r[stage] for r in runs])) for stage in runs[0]}
     total = sum(stages.values())

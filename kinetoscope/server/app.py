@@ -10,7 +10,7 @@ import re
 import secrets
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -41,8 +41,8 @@ class Server:
     """What the routes share: settings, database, storage, limits and the job runner."""
 
     def __init__(self, settings: ServerSettings, pipelines: list):
-        sampling = pipelines[0].sampling_for(settings.steps, settings.guidance)  # settings left None: the model's own
-        settings = self.settings = replace(settings, steps=sampling.steps, guidance=sampling.guidance)
+        sampling = pipelines[0].sampling_for(settings.steps, settings.guidance, settings.sampler)  # settings left None: the model's own
+        settings = self.settings = replace(settings, **asdict(sampling))
         self.sessions = db.open_database(settings.database)
         self.storage = VideoStorage(settings.videos_dir)
         self.limiter = access.RateLimiter(settings.requests_per_minute)
@@ -109,7 +109,7 @@ class Server:
             access.check_job_limits(session, key, self.settings.videos_per_day, self.settings.concurrent_jobs_per_key)
             video = db.Video(id=f"video_{uuid.uuid4().hex}", key_id=key.id, status="queued", progress=0,
                              seed=seed if seed is not None else secrets.randbelow(2**31), steps=self.settings.steps,
-                             guidance=self.settings.guidance, remixed_from_video_id=remixed_from, **plan)
+                             guidance=self.settings.guidance, sampler=self.settings.sampler, remixed_from_video_id=remixed_from, **plan)
             session.add(video)
             session.flush()  # assigns seq
             session.add(db.IssuedVideo(video_id=video.id, key_id=key.id, seq=video.seq, created_at=video.created_at))

@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event, text
+from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -58,6 +58,7 @@ class Video(Base):
     seed: Mapped[int] = mapped_column(Integer)
     steps: Mapped[int] = mapped_column(Integer)
     guidance: Mapped[float] = mapped_column(Float)
+    sampler: Mapped[str | None] = mapped_column(String(20))  # None in a database older than the column: the model's own
     remixed_from_video_id: Mapped[str | None] = mapped_column(String(64))
     error_code: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -130,7 +131,10 @@ def open_database(url: str) -> sessionmaker[Session]:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)
-    with engine.begin() as connection:  # a database older than the ledger: enter the videos it still has
+    with engine.begin() as connection:
+        if "sampler" not in {column["name"] for column in inspect(connection).get_columns("videos")}:
+            connection.execute(text("ALTER TABLE videos ADD COLUMN sampler VARCHAR(20)"))  # older videos: the model's own
+        # a database older than the ledger: enter the videos it still has
         connection.execute(text("INSERT INTO issued_videos (video_id, key_id, seq, created_at) "
                                 "SELECT id, key_id, seq, created_at FROM videos "
                                 "WHERE id NOT IN (SELECT video_id FROM issued_videos)"))

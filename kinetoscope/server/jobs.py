@@ -135,7 +135,7 @@ class JobRunner:
         log.info("generating %s (attempt %d, seed %d)", video.id, video.attempts, video.seed)
         try:
             result = pipeline(video.prompt, width=video.width, height=video.height, frames=video.frames,
-                              steps=video.steps, guidance=video.guidance, seed=video.seed, on_step=on_step)
+                              steps=video.steps, guidance=video.guidance, sampler=video.sampler, seed=video.seed, on_step=on_step)
             self.storage.save(video.id, result.frames, result.fps)
         except JobStopped:
             if self.stopping.is_set():

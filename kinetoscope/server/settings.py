@@ -20,6 +20,7 @@ class ServerSettings:
     database_url: str | None = None  # default: SQLite in data_dir
     steps: int | None = None  # None: the model's own sampling settings (TextToVideo.sampling)
     guidance: float | None = None
+    sampler: str | None = None
     default_size: tuple[int, int] = (128, 128)
     default_seconds: int = 4  # OpenAI's default
     videos_per_day: int = 200  # per key, unless the key has its own quota

@@ -50,7 +50,7 @@ KNOWN = {
     "model": ("size", "init", "overrides"),
     "schedule": tuple(f.name for f in fields(FlowSchedule)),
     "data": (*DATA_KEYS, "autoencoder", "bucket_weights", "max_batch_size"),
-    "train": (*REQUIRED["train"], "minutes", "reuse"),
+    "train": (*REQUIRED["train"], "minutes", "reuse", "times"),
     "eval": REQUIRED["eval"],
     "distill": ("teacher", "guidance"),
 }
@@ -97,10 +97,22 @@ class LatentBatches:
         return latents, text.to(self.device), mask.to(self.device)
 
 
-def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_dropout: float, generator=None):
-    """Velocity MSE per sample (B,), and the times it was drawn at."""
+def path_times(b: int, shift: float, window: tuple[float, float] = (0.0, 1.0), generator=None) -> torch.Tensor:
+    """Times uniform over a window of the sampler's path before the shift, as its steps are spaced."""
+    low, high = window
+    return shift_time(low + (high - low) * torch.rand(b, generator=generator), shift)
+
+
+def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_dropout: float, generator=None,
+                   window: tuple[float, float] | None = None):
+    """Velocity MSE per sample (B,), and the times it was drawn at: logit-normal, or uniform over
+    `window` of the sampler's path (a model trained for one stretch of sampling, e.g. high noise)."""
     b = latents.shape[0]
-    t = schedule.sample_training_times(b, unwrap(model).token_count(latents.shape), generator=generator).to(latents.device)
+    tokens = unwrap(model).token_count(latents.shape)
+    if window is None:
+        t = schedule.sample_training_times(b, tokens, generator=generator).to(latents.device)
+    else:
+        t = path_times(b, schedule.shift(tokens), window, generator).to(latents.device)
     noise = schedule.noise(latents.shape, generator).to(latents.device)
     drop = (torch.rand(b, generator=generator) < caption_dropout).to(latents.device)
     text, mask = unwrap(model).drop_text(text, mask, drop)
@@ -111,12 +123,24 @@ def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_d
     return per_sample, t
 
 
-def distillation_loss(model, teacher, latents, text, mask, schedule: FlowSchedule, guidance_range, generator=None):
+def time_window(settings: dict) -> tuple[float, float] | None:
+    """[train] times = [low, high]: the stretch of the sampler's path (0 clean, 1 pure noise, before
+    the shift) this model trains on; absent, the whole path, logit-normal."""
+    if "times" not in settings:
+        return None
+    window = settings["times"]
+    if (not isinstance(window, list) or len(window) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in window)
+            or not 0 <= window[0] < window[1] <= 1):
+        raise RecipeError(f"[train] times must be [low, high] with 0 <= low < high <= 1, not {window!r}")
+    return float(window[0]), float(window[1])
+
+
+def distillation_loss(model, teacher, latents, text, mask, schedule: FlowSchedule, guidance_range, generator=None,
+                      window: tuple[float, float] | None = None):
     """The student's velocity at guidance g against its teacher's guided one, MSE per sample (B,),
-    and the times it was drawn at: uniform before the shift, as the sampler's steps are spaced."""
+    and the times it was drawn at: uniform over the sampler's path (or `window` of it) before the shift."""
     b, device = latents.shape[0], latents.device
-    shift = schedule.shift(unwrap(model).token_count(latents.shape))
-    t = shift_time(torch.rand(b, generator=generator), shift).to(device)
+    t = path_times(b, schedule.shift(unwrap(model).token_count(latents.shape)), window or (0.0, 1.0), generator).to(device)
     low, high = guidance_range
     guidance = (low + (high - low) * torch.rand(b, generator=generator)).to(device)
     noise = schedule.noise(latents.shape, generator).to(device)
@@ -224,6 +248,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     settings = recipe["train"]
     check_train_settings(settings)
     reuse = reuse_setting(settings)
+    window = time_window(settings)
     try:
         schedule = FlowSchedule(**recipe.get("schedule", {}))
     except (TypeError, ValueError) as error:
@@ -303,9 +328,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr
         if teacher is not None:
-            per_sample, t = distillation_loss(model, teacher, latents, text, mask, schedule, guidance_range)
+            per_sample, t = distillation_loss(model, teacher, latents, text, mask, schedule, guidance_range, window=window)
         else:
-            per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"])
+            per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"], window=window)
         loss = per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
