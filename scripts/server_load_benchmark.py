@@ -136,6 +136,15 @@ async def run_load(args, base_url: str, keys: list[str]) -> dict:
             "finals": finals, "errors": errors}
 
 
+def latencies(seconds: list[float], with_max: bool = False) -> str:
+    """How many, p50 and p99 (and the slowest); a run whose jobs finished before any poll has none."""
+    if not seconds:
+        return "0"
+    ms = lambda value: f"{value * 1000:.1f} ms"  # noqa: E731
+    text = f"{len(seconds)}, p50 {ms(statistics.median(seconds))}, p99 {ms(percentile(seconds, 0.99))}"
+    return text + (f", max {ms(max(seconds))}" if with_max else "")
+
+
 def report(args, result: dict) -> bool:
     status, create, finals = result["status"], result["create"], result["finals"]
     expected = args.creators * args.videos_per_creator
@@ -143,10 +152,8 @@ def report(args, result: dict) -> bool:
     steps = args.steps or "the model's own"
     print(f"{args.pollers} polling clients, {args.creators} creating clients, {expected} videos "
           f"({args.size}, {args.seconds} s, {steps} steps, {args.workers} worker(s)) in {result['wall']:.1f} s")
-    ms = lambda seconds: f"{seconds * 1000:.1f} ms"  # noqa: E731
-    print(f"status requests: {len(status)}, p50 {ms(statistics.median(status))}, p99 {ms(percentile(status, 0.99))}, "
-          f"max {ms(max(status))}")
-    print(f"create requests: {len(create)}, p50 {ms(statistics.median(create))}, p99 {ms(percentile(create, 0.99))}")
+    print(f"status requests: {latencies(status, with_max=True)}")
+    print(f"create requests: {latencies(create)}")
     print(f"jobs completed: {completed}/{expected}; failed: {sum(v.status == 'failed' for v in finals)}; "
           f"request errors: {len(result['errors'])}")
     for error in result["errors"][:5]:

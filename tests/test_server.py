@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx2
 import openai
@@ -605,3 +606,13 @@ def test_a_database_from_before_videos_recorded_their_sampler_opens_with_its_vid
     sessions = db.open_database(url)
     with db.transaction(sessions, write=False) as session:
         assert session.execute(select(db.Video.id, db.Video.steps, db.Video.sampler)).one() == ("video_old", 3, None)
+
+
+def test_the_server_load_benchmark_runs_its_clients_against_a_real_server(weights_dir):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "server_load_benchmark.py"
+    result = subprocess.run([sys.executable, str(script), "--weights", str(weights_dir), "--pollers", "3", "--creators", "2",
+                             "--videos-per-creator", "2", "--size", "32x32", "--seconds", "1", "--steps", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "jobs completed: 4/4; failed: 0; request errors: 0" in result.stdout
+    assert "status requests: " in result.stdout and "create requests: 4, p50 " in result.stdout
