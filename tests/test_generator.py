@@ -436,10 +436,50 @@ def test_unwritable_outputs_are_refused_before_any_generation(weights_dir, tmp_p
         assert len(err.splitlines()) == 1 and "error" in err, err
 
 
+def test_eval_from_noise_cli_prints_and_reports_each_level(weights_dir, tmp_path, capsys):
+    report = tmp_path / "levels.json"
+    assert main(["eval", "--from-noise", "0.5", "1", "--clips", "2", "--steps", "2", "--report", str(report),
+                 "--weights", str(weights_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "from 0.5 of the path: " in out and "from 1 of the path: " in out and "of 2 clips fully right" in out
+    levels = json.loads(report.read_text())["from_noise"]
+    assert list(levels) == ["0.5", "1"] and all(scores["prompts"] == 2 for scores in levels.values())
+    for bad in ("0", "1.5", "nan", "half"):
+        assert main(["eval", "--from-noise", bad, "--weights", str(weights_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--from-noise" in err, err
+
+
 def test_the_api_refuses_out_of_range_guidance_and_fractional_steps(pipe):
     for settings in ({"guidance": float("nan")}, {"guidance": -1.0}, {"guidance": 1e30}, {"steps": 2.5}, {"steps": True}):
         with pytest.raises(ValueError):
             pipe("a red circle", width=32, height=32, frames=5, **settings)
+
+
+def test_a_sample_started_from_a_noised_video_keeps_as_much_of_it_as_the_strength_leaves(pipe, monkeypatch):
+    from kinetoscope.data import world
+    from kinetoscope.data.dataset import clip_to_tensor, tensor_to_clip
+
+    prompt = "a red circle moves right"
+    clip = world.render(world.sample_scene(np.random.default_rng(1), 1.0, 0.5), 32, 32, 5, 8.0)
+    with torch.no_grad():
+        round_trip = tensor_to_clip(pipe.autoencoder(clip_to_tensor(clip)[None])[0]).astype(float)
+    calls = count_calls(pipe, monkeypatch)
+    start = lambda strength: pipe(prompt, steps=20, seed=3, video=clip, strength=strength).frames
+    near, far = start(0.05), start(0.6)
+    assert len(calls) == 1 + 12  # that share of the 20 steps: one, then twelve
+    calls.clear()
+    from_noise = start(1.0)
+    assert len(calls) == 20
+    assert np.array_equal(from_noise, pipe(prompt, width=32, height=32, frames=5, steps=20, seed=3).frames)  # nothing of it left
+    distance = lambda frames: np.abs(frames.astype(float) - round_trip).mean()
+    assert distance(near) < distance(far) < distance(from_noise)
+    assert near.shape == clip.shape  # the video sets size and length
+    for bad, message in [({"video": clip, "strength": 0.0}, "strength"), ({"video": clip, "strength": 1.5}, "strength"),
+                         ({"strength": 0.5}, "needs a video"), ({"video": clip.astype(np.float32)}, "uint8"),
+                         ({"video": clip[..., :2]}, "uint8"), ({"video": clip[:4]}, "4 frames is not supported")]:
+        with pytest.raises(ValueError, match=message):
+            pipe(prompt, **bad)
 
 
 def test_bench_counts_the_attention_flops_the_math_backend_spells_out(pipe):
@@ -579,6 +619,37 @@ def test_eval_scores_true_renders_right_and_blank_ones_wrong(monkeypatch):
         assert all(0 <= c["passed"] <= c["of"] for c in scores["checks"].values())
     for scores in truth["tiers"].values():
         assert all(c["passed"] / c["of"] == scores["attributes"][name] for name, c in scores["checks"].items())
+
+
+def test_eval_from_noise_judges_true_clips_sampled_back_from_each_level():
+    from kinetoscope.data import captions
+    from kinetoscope.eval import generation
+
+    class ReturningPipe:  # keeps the video it is given at every level, or draws nothing
+        fps = 8.0
+
+        def __init__(self, blank=False):
+            self.blank, self.asked = blank, []
+
+        def frames_for(self, seconds):
+            return 17
+
+        def __call__(self, prompt, video=None, strength=1.0, seed=0, **settings):
+            from types import SimpleNamespace
+
+            self.asked.append((prompt, strength, seed, video.shape))
+            return SimpleNamespace(frames=np.zeros_like(video) if self.blank else video, fps=self.fps)
+
+    pipe = ReturningPipe()
+    levels = generation.evaluate_from_noise(pipe, [0.5, 1.0], clips=6)
+    assert list(levels) == [0.5, 1.0] and all(scores["prompts"] == 6 for scores in levels.values())
+    assert all(scores["fully_right"] >= 5 / 6 for scores in levels.values())  # the judge on true renders
+    assert [strength for _, strength, _, _ in pipe.asked] == [0.5] * 6 + [1.0] * 6
+    assert {shape for *_, shape in pipe.asked} == {(17, 128, 128, 3)}
+    assert pipe.asked[:6] == [(p, 0.5, s, shape) for p, _, s, shape in pipe.asked[6:]]  # the same clips, seeds and captions
+    assert not any(captions.is_heldout_phrasing(prompt) for prompt, *_ in pipe.asked)  # training scenes and phrasings
+    blank = generation.evaluate_from_noise(ReturningPipe(blank=True), [1.0], clips=3)
+    assert blank[1.0]["fully_right"] == 0 and blank[1.0]["checks"]["count"]["passed"] == 0
 
 
 # -- the shipped default model ------------------------------------------------------------------------

@@ -37,6 +37,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def path_fraction(text: str) -> float:
+    """A point on the sampler's path: above 0 (clean) and at most 1 (pure noise)."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the path above 0 and at most 1, got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

@@ -26,7 +26,12 @@ def register(subparsers):
     evaluate = subparsers.add_parser("eval", help="generate held-out prompts and score them with the judge")
     evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
     evaluate.add_argument("--prompt-seed", type=common.seed, default=777,  # generation.EVAL_SEED, named here so --help needs no torch
-                          help="which sample of held-out prompts (default 777, the one every README figure uses)")
+                          help="which seeded sample of held-out prompts, or with --from-noise of training scenes "
+                               "(default 777, the one every README figure uses)")
+    evaluate.add_argument("--from-noise", type=common.path_fraction, nargs="+", metavar="LEVEL",
+                          help="instead: true clips of training scenes, noised to each LEVEL of the sampler's path "
+                               "(1: pure noise) and sampled back, judged against their captions: where the model decides layouts")
+    evaluate.add_argument("--clips", type=common.positive_int, default=50, help="clips per --from-noise level")
     common.add_sampling_arguments(evaluate)
     evaluate.add_argument("--weights", help="generator folder (default: the shipped model)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
@@ -110,7 +115,7 @@ def run_eval(args) -> int:
 
     from tqdm import tqdm
 
-    from kinetoscope.eval.generation import TIERS, evaluate_generator
+    from kinetoscope.eval.generation import TIERS, evaluate_from_noise, evaluate_generator
     from kinetoscope.media.frames import atomic_output
 
     report = common.check_writable_file(args.report, "--report") if args.report else None
@@ -120,22 +125,34 @@ def run_eval(args) -> int:
     except ValueError as error:
         raise common.UsageError(str(error)) from None
     print(f"sampling: {sampling.steps} steps of {sampling.sampler}, guidance {sampling.guidance:g}")
-    with tqdm(total=args.per_tier * len(TIERS), desc="held-out prompts", unit="clip") as bar:
-        result = evaluate_generator(pipe, args.per_tier, asdict(sampling),
-                                    progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
-    for tier, scores in result["tiers"].items():
-        attributes = ", ".join(f"{name} {scores['attributes'][name]:.0%} ({c['passed']}/{c['of']})" for name, c in scores["checks"].items())
-        print(f"{tier}: {scores['fully_right']:.1%} of {scores['prompts']} prompts fully right; per attribute: {attributes}")
-    checks = [count for scores in result["tiers"].values() for count in scores["checks"].values()]
-    print(f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)} (all tiers)")
-    for item, failed in result["failures"][:10]:
-        print(f"  failed [{item.tier}] {item.prompt!r}: {'; '.join(failed)}")
+
+    def attribute_line(scores) -> str:
+        return ", ".join(f"{name} {scores['attributes'][name]:.0%} ({c['passed']}/{c['of']})" for name, c in scores["checks"].items())
+
+    report_data = {"prompt_seed": args.prompt_seed, "sampling": asdict(sampling)}
+    if args.from_noise:
+        with tqdm(total=args.clips * len(args.from_noise), desc="noised clips", unit="clip") as bar:
+            levels = evaluate_from_noise(pipe, args.from_noise, args.clips, asdict(sampling),
+                                         progress=lambda level, verdict: bar.update(1), seed=args.prompt_seed)
+        for level, scores in levels.items():
+            print(f"from {level:g} of the path: {scores['fully_right']:.1%} of {scores['prompts']} clips fully right; "
+                  f"per attribute: {attribute_line(scores)}")
+        report_data["from_noise"] = {f"{level:g}": scores for level, scores in levels.items()}
+    else:
+        with tqdm(total=args.per_tier * len(TIERS), desc="held-out prompts", unit="clip") as bar:
+            result = evaluate_generator(pipe, args.per_tier, asdict(sampling),
+                                        progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
+        for tier, scores in result["tiers"].items():
+            print(f"{tier}: {scores['fully_right']:.1%} of {scores['prompts']} prompts fully right; per attribute: {attribute_line(scores)}")
+        checks = [count for scores in result["tiers"].values() for count in scores["checks"].values()]
+        print(f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)} (all tiers)")
+        for item, failed in result["failures"][:10]:
+            print(f"  failed [{item.tier}] {item.prompt!r}: {'; '.join(failed)}")
+        report_data["tiers"] = result["tiers"]
+        report_data["failures"] = [{"tier": item.tier, "prompt": item.prompt, "failed": failed} for item, failed in result["failures"]]
     if report is not None:
-        failures = [{"tier": item.tier, "prompt": item.prompt, "failed": failed} for item, failed in result["failures"]]
         try:
             with atomic_output(report) as temporary:
-                report_data = {"prompt_seed": args.prompt_seed, "sampling": asdict(sampling), "tiers": result["tiers"],
-                               "failures": failures}
                 temporary.write_text(json.dumps(report_data, indent=2) + "\n")
         except OSError as error:
             raise common.UsageError(f"cannot write {report}: {error}") from None

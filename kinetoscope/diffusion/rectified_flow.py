@@ -56,9 +56,12 @@ class FlowSchedule:
         normal = torch.randn(batch, generator=generator, device=device) * self.logit_std + self.logit_mean
         return shift_time(torch.sigmoid(normal), self.shift(tokens))
 
-    def sampling_times(self, steps: int, tokens: int, device=None) -> torch.Tensor:
-        """steps + 1 times from 1 (pure noise) down to 0 (the clean sample)."""
-        return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), self.shift(tokens))
+    def sampling_times(self, steps: int, tokens: int, device=None, strength: float = 1.0) -> torch.Tensor:
+        """steps + 1 times from 1 (pure noise) down to 0 (the clean sample); with `strength` below 1,
+        only the last of them, from that fraction of the path (before the shift) down: a sample
+        started from a noised video (SDEdit) keeps what the noise at that time leaves of it."""
+        times = shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), self.shift(tokens))
+        return times[-(max(1, round(steps * strength)) + 1):]
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:

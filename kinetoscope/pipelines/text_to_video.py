@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kinetoscope.data.dataset import tensor_to_clip
-from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, predicted_clean
+from kinetoscope.data.dataset import clip_to_tensor, tensor_to_clip
+from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, add_noise, predicted_clean
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer
 from kinetoscope.models.precision import autocast_for
@@ -179,8 +179,23 @@ class TextToVideo:
 
     @torch.no_grad()
     def __call__(self, prompt: str, width: int = 128, height: int = 128, frames: int = 17, steps: int | None = None,
-                 guidance: float | None = None, seed: int = 0, sampler: str | None = None, on_step=None) -> GeneratedVideo:
-        """Sampling settings left None are the model's own (`self.sampling`)."""
+                 guidance: float | None = None, seed: int = 0, sampler: str | None = None, on_step=None,
+                 video: np.ndarray | None = None, strength: float = 1.0) -> GeneratedVideo:
+        """Sampling settings left None are the model's own (`self.sampling`).
+
+        With `video` (uint8 (T, H, W, 3), which then sets the size and length), the sample starts
+        from that video noised to `strength` of the sampler's path (SDEdit, Meng et al., 2022) and
+        takes that share of the steps: near 0 it keeps the video, at 1 it keeps nothing of it.
+        """
+        if video is not None:
+            video = np.asarray(video)
+            if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+                raise ValueError(f"video must be uint8 frames shaped (T, H, W, 3), not {video.dtype} {video.shape}")
+            frames, height, width = (int(n) for n in video.shape[:3])
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be above 0 and at most 1, not {strength!r}")
+        if video is None and strength != 1:
+            raise ValueError("strength below 1 needs a video to start from")
         self.check_request(prompt, width, height, frames)
         steps, guidance, sampler = astuple(self.sampling_for(steps, guidance, sampler))
         timings = {}
@@ -190,15 +205,22 @@ class TextToVideo:
             text, mask = pad_tokens(text, mask, COMPILED_TEXT_MULTIPLE)
         timings["text"] = self._clock() - start
 
+        given = None
+        if video is not None:
+            start = self._clock()
+            with autocast_for(self.device):
+                given = self.autoencoder.encode(clip_to_tensor(video)[None].to(self.device)).float()
+            timings["encode"] = self._clock() - start
+
         start = self._clock()
         latent_shape = self.autoencoder.latent_shape(frames, height, width)
         try:
-            latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step)
+            latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step, given, strength)
         except self._compile_errors as error:
             self.compile_failure = (str(error.inner_exception).strip().splitlines() or [type(error.inner_exception).__name__])[0]
             warnings.warn(f"torch.compile failed ({self.compile_failure}); generating without it")
             self.denoiser, self._compile_errors = self.transformer, ()
-            latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step)
+            latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step, given, strength)
         timings["denoise"] = self._clock() - start
 
         start = self._clock()
@@ -208,8 +230,10 @@ class TextToVideo:
         timings["decode"] = self._clock() - start
         return GeneratedVideo(frames_out, self.fps, seed, timings)
 
-    def denoise(self, text, mask, latent_shape, steps: int, guidance: float, seed: int, sampler: str, on_step=None):
-        """Seeded noise (1, *latent_shape) carried to clean latents by the sampler."""
+    def denoise(self, text, mask, latent_shape, steps: int, guidance: float, seed: int, sampler: str, on_step=None,
+                given: torch.Tensor | None = None, strength: float = 1.0):
+        """Seeded noise (1, *latent_shape) carried to clean latents by the sampler; with `given`
+        latents, the sampler starts from them noised to `strength` of its path."""
         generator = torch.Generator("cpu").manual_seed(seed)
 
         def draw_noise(shape):
@@ -217,9 +241,10 @@ class TextToVideo:
 
         noise = draw_noise((1, *latent_shape)).to(self.device)
         velocity = self.guided_velocity(text, mask, guidance)
-        times = self.schedule.sampling_times(steps, self.transformer.token_count(latent_shape), device=self.device)
+        times = self.schedule.sampling_times(steps, self.transformer.token_count(latent_shape), self.device, strength)
+        start = noise if given is None else add_noise(given, noise, times[:1])
         with autocast_for(self.device):  # one context for every step, so the weights are cast to the compute dtype once
-            return SAMPLERS[sampler](velocity, noise, times, on_step, draw_noise=draw_noise)
+            return SAMPLERS[sampler](velocity, start, times, on_step, draw_noise=draw_noise)
 
     def _clock(self) -> float:
         """Wall time once queued GPU work is done, so stage timings are honest on CUDA too."""
