@@ -616,3 +616,22 @@ def test_the_server_load_benchmark_runs_its_clients_against_a_real_server(weight
     assert result.returncode == 0, result.stdout + result.stderr
     assert "jobs completed: 4/4; failed: 0; request errors: 0" in result.stdout
     assert "status requests: " in result.stdout and "create requests: 4, p50 " in result.stdout
+
+
+def test_opening_the_database_waits_for_a_running_servers_write_instead_of_failing(tmp_path):
+    import sqlite3
+
+    url = db.database_url_for(tmp_path)
+    db.dispose(db.open_database(url))
+    writer = sqlite3.connect(tmp_path / db.DATABASE_FILE, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")  # a server's worker, mid-write
+    writer.execute("INSERT INTO switches (name, value) VALUES ('paused', 'no')")
+    committer = threading.Timer(0.5, lambda: writer.execute("COMMIT"))
+    committer.start()
+    try:
+        sessions = db.open_database(url)  # reads the schema, then writes: it must wait, not fail on a stale read
+    finally:
+        committer.join()
+        writer.close()
+    with db.transaction(sessions, write=False) as session:
+        assert session.scalar(select(db.Switch.value)) == "no"

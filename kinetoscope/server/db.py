@@ -131,7 +131,9 @@ def open_database(url: str) -> sessionmaker[Session]:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)
-    with engine.begin() as connection:
+    # One write transaction from the start (BEGIN IMMEDIATE on SQLite): it reads the schema and then
+    # may write, and a deferred one would fail at once if a running server wrote in between.
+    with engine.connect().execution_options(**{WRITE_OPTION: True}) as connection, connection.begin():
         if "sampler" not in {column["name"] for column in inspect(connection).get_columns("videos")}:
             connection.execute(text("ALTER TABLE videos ADD COLUMN sampler VARCHAR(20)"))  # older videos: the model's own
         # a database older than the ledger: enter the videos it still has
