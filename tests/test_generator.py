@@ -444,8 +444,8 @@ def test_eval_from_noise_cli_prints_and_reports_each_level(weights_dir, tmp_path
     assert "from 0.5 of the path: " in out and "from 1 of the path: " in out and "of 2 clips fully right" in out
     levels = json.loads(report.read_text())["from_noise"]
     assert list(levels) == ["0.5", "1"] and all(scores["prompts"] == 2 for scores in levels.values())
-    for bad in ("0", "1.5", "nan", "half"):
-        assert main(["eval", "--from-noise", bad, "--weights", str(weights_dir)]) == 2
+    for bad in (["--from-noise", "0"], ["--from-noise", "1.5"], ["--from-noise", "nan"], ["--from-noise", "half"], ["--clips", "3"]):
+        assert main(["eval", *bad, "--weights", str(weights_dir)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--from-noise" in err, err
 

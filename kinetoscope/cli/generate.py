@@ -31,7 +31,7 @@ def register(subparsers):
     evaluate.add_argument("--from-noise", type=common.path_fraction, nargs="+", metavar="LEVEL",
                           help="instead: true clips of training scenes, noised to each LEVEL of the sampler's path "
                                "(1: pure noise) and sampled back, judged against their captions: where the model decides layouts")
-    evaluate.add_argument("--clips", type=common.positive_int, default=50, help="clips per --from-noise level")
+    evaluate.add_argument("--clips", type=common.positive_int, help="clips per --from-noise level (default 50)")
     common.add_sampling_arguments(evaluate)
     evaluate.add_argument("--weights", help="generator folder (default: the shipped model)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
@@ -118,6 +118,8 @@ def run_eval(args) -> int:
     from kinetoscope.eval.generation import TIERS, evaluate_from_noise, evaluate_generator
     from kinetoscope.media.frames import atomic_output
 
+    if args.clips is not None and not args.from_noise:
+        raise common.UsageError("--clips counts the clips of --from-noise; held-out prompts are counted by --per-tier")
     report = common.check_writable_file(args.report, "--report") if args.report else None
     pipe = load_pipeline(args.weights)
     try:
@@ -131,8 +133,9 @@ def run_eval(args) -> int:
 
     report_data = {"prompt_seed": args.prompt_seed, "sampling": asdict(sampling)}
     if args.from_noise:
-        with tqdm(total=args.clips * len(args.from_noise), desc="noised clips", unit="clip") as bar:
-            levels = evaluate_from_noise(pipe, args.from_noise, args.clips, asdict(sampling),
+        clips = args.clips or 50
+        with tqdm(total=clips * len(args.from_noise), desc="noised clips", unit="clip") as bar:
+            levels = evaluate_from_noise(pipe, args.from_noise, clips, asdict(sampling),
                                          progress=lambda level, verdict: bar.update(1), seed=args.prompt_seed)
         for level, scores in levels.items():
             print(f"from {level:g} of the path: {scores['fully_right']:.1%} of {scores['prompts']} clips fully right; "
