@@ -56,6 +56,12 @@ class FlowSchedule:
         normal = torch.randn(batch, generator=generator, device=device) * self.logit_std + self.logit_mean
         return shift_time(torch.sigmoid(normal), self.shift(tokens))
 
+    def path_times(self, batch: int, tokens: int, window: tuple[float, float] = (0.0, 1.0), generator=None) -> torch.Tensor:
+        """Times uniform over a window of the sampler's path before the shift, as its steps are
+        spaced: what a model learns for sampling (distillation, or one stretch of it) trains on."""
+        low, high = window
+        return shift_time(low + (high - low) * torch.rand(batch, generator=generator), self.shift(tokens))
+
     def sampling_times(self, steps: int, tokens: int, device=None, strength: float = 1.0) -> torch.Tensor:
         """steps + 1 times from 1 (pure noise) down to 0 (the clean sample); with `strength` below 1,
         only the last of them, from that fraction of the path (before the shift) down: a sample

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kinetoscope.data.captions import PromptError, parse_prompt
-from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, predicted_clean, shift_time, velocity_target
+from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, predicted_clean, velocity_target
 from kinetoscope.models.autoencoder import VideoAutoencoder, default_weights_dir
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.precision import autocast_for
@@ -97,12 +97,6 @@ class LatentBatches:
         return latents, text.to(self.device), mask.to(self.device)
 
 
-def path_times(b: int, shift: float, window: tuple[float, float] = (0.0, 1.0), generator=None) -> torch.Tensor:
-    """Times uniform over a window of the sampler's path before the shift, as its steps are spaced."""
-    low, high = window
-    return shift_time(low + (high - low) * torch.rand(b, generator=generator), shift)
-
-
 def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_dropout: float, generator=None,
                    window: tuple[float, float] | None = None):
     """Velocity MSE per sample (B,), and the times it was drawn at: logit-normal, or uniform over
@@ -112,7 +106,7 @@ def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_d
     if window is None:
         t = schedule.sample_training_times(b, tokens, generator=generator).to(latents.device)
     else:
-        t = path_times(b, schedule.shift(tokens), window, generator).to(latents.device)
+        t = schedule.path_times(b, tokens, window, generator).to(latents.device)
     noise = schedule.noise(latents.shape, generator).to(latents.device)
     drop = (torch.rand(b, generator=generator) < caption_dropout).to(latents.device)
     text, mask = unwrap(model).drop_text(text, mask, drop)
@@ -140,7 +134,7 @@ def distillation_loss(model, teacher, latents, text, mask, schedule: FlowSchedul
     """The student's velocity at guidance g against its teacher's guided one, MSE per sample (B,),
     and the times it was drawn at: uniform over the sampler's path (or `window` of it) before the shift."""
     b, device = latents.shape[0], latents.device
-    t = path_times(b, schedule.shift(unwrap(model).token_count(latents.shape)), window or (0.0, 1.0), generator).to(device)
+    t = schedule.path_times(b, unwrap(model).token_count(latents.shape), window or (0.0, 1.0), generator).to(device)
     low, high = guidance_range
     guidance = (low + (high - low) * torch.rand(b, generator=generator)).to(device)
     noise = schedule.noise(latents.shape, generator).to(device)
