@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -233,6 +234,30 @@ def test_heun_is_second_order_on_a_curved_path():
     assert heun_error < euler_error / 5
 
 
+def test_a_sample_from_part_of_the_path_starts_exactly_there():
+    schedule = FlowSchedule()  # 80 tokens: no shift, so these are fractions of the path
+    full = schedule.sampling_times(5, tokens=80)
+    torch.testing.assert_close(schedule.sampling_times(5, tokens=80, strength=0.6), full[-4:])  # on the grid: its last times
+    for strength, taken in ((0.3, 2), (0.5, 3), (0.01, 1)):  # off the grid: from there, in no wider steps
+        times = schedule.sampling_times(5, tokens=80, strength=strength)
+        assert times[0].item() == pytest.approx(strength) and times[-1] == 0 and len(times) == taken + 1
+        assert (times[:-1] - times[1:]).max() <= 0.2 + 1e-6
+
+
+def test_output_frames_round_halves_up():
+    from kinetoscope.cli.generate import retime
+
+    model_frames = np.arange(33)  # 4 s at 8 fps
+    assert [len(retime(model_frames, 8.0, 1.0, seconds)) for seconds in (0.5, 1.5, 2.5)] == [2, 3, 4]
+    assert len(retime(model_frames, 8.0, 8.0, 2.0)) == 17
+
+
+def test_another_kind_of_model_folder_is_refused_in_one_line(weights_dir, tmp_path, capsys):
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.mp4"), "--weights", str(weights_dir.parent / "autoencoder")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not describe a generator" in err, err
+
+
 def test_shift_grows_with_token_count_and_keeps_the_ends():
     schedule = FlowSchedule()
     assert schedule.shift(20) < schedule.shift(80) == 1.0 < schedule.shift(320)
@@ -356,6 +381,13 @@ def test_guidance_extrapolates_from_the_empty_prompt_through_the_prompt(pipe, mo
         (dict(frames=6), "1 \\+ 4k frames"),
         (dict(steps=0), "steps"),
         (dict(sampler="ddim"), "unknown sampler"),
+        (dict(prompt=b"a red circle"), "must be a str, not bytes"),
+        (dict(width=32.0), "width must be a whole number"),
+        (dict(frames=True), "frames must be a whole number"),
+        (dict(seed=None), "seed must be a whole number"),
+        (dict(seed=-1), "seed must be a whole number from 0"),
+        (dict(seed=2**64), "seed must be a whole number"),
+        (dict(seed=1.5), "seed must be a whole number"),
     ],
 )
 def test_pipeline_refuses_bad_requests(pipe, kwargs, message):
@@ -429,11 +461,17 @@ def test_unwritable_outputs_are_refused_before_any_generation(weights_dir, tmp_p
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     for command in (["generate", "a red circle", "-o", str(tmp_path / "clip.mp4")],
                     ["generate", "a red circle", "-o", str(tmp_path / "notes.txt" / "clip.mp4")],
+                    ["generate", "a red circle", "-o", str(tmp_path / ("a" * 300 + ".mp4"))],  # a name too long
+                    ["generate", "a red circle", "-o", str(tmp_path / ("a" * 245 + ".mp4"))],  # too long for its temporary name
+                    ["generate", "a red circle", "-o", "/proc/clip.mp4"],  # root may "access" it, but no file can be made there
+                    ["generate", "a red circle", "-o", str(tmp_path / "clip.gif"), "--fps", "120"],  # a GIF's delays are 1/100 s
+                    ["reconstruct", str(tmp_path / "notes.txt"), "--output", "/proc/clip.mp4"],
                     ["eval", "--per-tier", "1", "--report", str(tmp_path / "notes.txt" / "report.json")],
                     ["eval", "--per-tier", "1", "--report", str(tmp_path)]):
         assert main(command) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "error" in err, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["clip.mp4", "notes.txt"]  # no probe left behind
 
 
 def test_eval_from_noise_cli_prints_and_reports_each_level(weights_dir, tmp_path, capsys):
@@ -444,7 +482,8 @@ def test_eval_from_noise_cli_prints_and_reports_each_level(weights_dir, tmp_path
     assert "from 0.5 of the path: " in out and "from 1 of the path: " in out and "of 2 clips fully right" in out
     levels = json.loads(report.read_text())["from_noise"]
     assert list(levels) == ["0.5", "1"] and all(scores["prompts"] == 2 for scores in levels.values())
-    for bad in (["--from-noise", "0"], ["--from-noise", "1.5"], ["--from-noise", "nan"], ["--from-noise", "half"], ["--clips", "3"]):
+    for bad in (["--from-noise", "0"], ["--from-noise", "1.5"], ["--from-noise", "nan"], ["--from-noise", "half"], ["--clips", "3"],
+                ["--from-noise", "0.5", "1", "0.5"]):
         assert main(["eval", *bad, "--weights", str(weights_dir)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--from-noise" in err, err
@@ -454,6 +493,35 @@ def test_the_api_refuses_out_of_range_guidance_and_fractional_steps(pipe):
     for settings in ({"guidance": float("nan")}, {"guidance": -1.0}, {"guidance": 1e30}, {"steps": 2.5}, {"steps": True}):
         with pytest.raises(ValueError):
             pipe("a red circle", width=32, height=32, frames=5, **settings)
+
+
+def test_the_api_takes_numpy_numbers_and_flipped_videos(pipe):
+    plain = pipe("a red circle", width=32, height=32, frames=5, steps=2, guidance=3.0, seed=4)
+    numpy = pipe("a red circle", width=np.int64(32), height=np.int32(32), frames=np.int64(5), steps=np.int64(2),
+                 guidance=np.float32(3.0), seed=np.uint8(4))
+    assert np.array_equal(plain.frames, numpy.frames) and type(numpy.seed) is int
+    flipped = plain.frames[:, :, ::-1]  # a view with a negative stride
+    edited = pipe("a red circle", video=flipped, strength=np.float64(0.5), steps=2, seed=4)
+    assert np.array_equal(edited.frames, pipe("a red circle", video=flipped.copy(), strength=0.5, steps=2, seed=4).frames)
+
+
+def test_a_model_folder_with_a_frame_rate_it_cannot_have_is_refused_when_it_loads(weights_dir, tmp_path, capsys):
+    settings = json.loads((weights_dir / "pipeline.json").read_text())
+    for fps in (0, -8, "eight", None, 1e9):
+        broken = tmp_path / f"fps_{fps}"
+        shutil.copytree(weights_dir, broken)
+        (broken / "pipeline.json").write_text(json.dumps({**settings, "autoencoder": str(weights_dir.parent / "autoencoder"), "fps": fps}))
+        assert main(["generate", "a red circle", "-o", str(tmp_path / "x.mp4"), "--weights", str(broken)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and '"fps" must be a frame rate' in err, err
+
+
+def test_sizes_are_checked_against_each_axis_own_patch(pipe, monkeypatch):
+    monkeypatch.setattr(pipe.transformer.cfg, "patch", (1, 2, 4))  # a token twice as wide as it is high
+    assert pipe.size_multiples == (32, 16)
+    pipe.check_request("a red circle", 64, 48, 1)
+    with pytest.raises(ValueError, match="multiples of 32 and 16"):
+        pipe.check_request("a red circle", 48, 64, 1)
 
 
 def test_a_sample_started_from_a_noised_video_keeps_as_much_of_it_as_the_strength_leaves(pipe, monkeypatch):

@@ -183,6 +183,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         (np.zeros((2, 8, 8, 3), np.uint8), 0, "clip.mp4"),
         (np.zeros((2, 8, 8, 3), np.uint8), 1e-4, "clip.mp4"),  # rounds to a rate of 0
         (np.zeros((2, 8, 8, 3), np.uint8), 8, "clip.avi"),
+        (np.zeros((2, 8, 8, 3), np.uint8), 120, "clip.gif"),  # a GIF stores delays in 1/100 s
     ],
 )
 def test_write_rejects_bad_arguments(tmp_path, frames, fps, name):
@@ -227,9 +228,13 @@ def truncated_mp4(tmp_path):
     return path
 
 
+def name_too_long(tmp_path):
+    return tmp_path / ("a" * 300 + ".mp4")
+
+
 @pytest.mark.parametrize(
     "make_path",
-    [missing, directory, text_renamed_mp4, text_renamed_webp, zero_bytes, truncated_mp4],
+    [missing, directory, text_renamed_mp4, text_renamed_webp, zero_bytes, truncated_mp4, name_too_long],
 )
 @pytest.mark.parametrize("reader", [read_video, video_info])
 def test_unreadable_files_raise_a_one_line_video_error(tmp_path, make_path, reader):

@@ -220,5 +220,6 @@ def test_world_sample_cli_bad_inputs(tmp_path, capsys, args):
     from kinetoscope.cli import main
 
     assert main(["world", "sample", "--out", str(tmp_path / "out"), *args]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kinetoscope world sample: error: "), err  # named as argparse names it
     assert not (tmp_path / "out").exists()

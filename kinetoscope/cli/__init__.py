@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except common.UsageError as error:
-        print(f"kinetoscope {args.command}: error: {error}", file=sys.stderr)
+        print(f"{args.command_prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -62,12 +62,13 @@ def run_eval(args) -> int:
 
 
 def run_reconstruct(args) -> int:
-    from kinetoscope.media.video import VIDEO_SUFFIXES, VideoError, read_video, write_video
+    from kinetoscope.media.video import VIDEO_SUFFIXES, VideoError, check_video_output, read_video, write_video
     from kinetoscope.pipelines.reconstruction import MAX_PIXELS, VideoReconstruction
 
     output = Path(args.output)
     if output.suffix.lower() not in VIDEO_SUFFIXES:
         raise common.UsageError(f"output must end in {', '.join(VIDEO_SUFFIXES)}; got {output.name!r}")
+    common.check_writable_file(output, "--output")
     try:
         _, height, width, _ = read_video(args.input, max_frames=1)[0].shape
         most_frames = MAX_PIXELS // (width * height)
@@ -79,6 +80,10 @@ def run_reconstruct(args) -> int:
         raise common.UsageError(str(error)) from None
     if len(frames) > most_frames:
         raise common.UsageError(f"{args.input} is too long to reconstruct: at {width}x{height}, at most {most_frames} frames")
+    try:
+        check_video_output(output, fps)  # the input's frame rate, which the output keeps
+    except ValueError as error:
+        raise common.UsageError(str(error)) from None
     pipeline = common.load_weights(VideoReconstruction.load, args.weights)
     try:
         restored = pipeline(frames)

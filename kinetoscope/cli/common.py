@@ -19,6 +19,14 @@ class ErrorExitParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Also record the innermost command's name ("kinetoscope world sample") as `command_prog`,
+        so a handler's errors name the command as argparse's own do; subcommands parse first."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if getattr(namespace, "command_prog", None) is None:
+            namespace.command_prog = self.prog
+        return namespace, extras
+
 
 MIN_FPS, MAX_FPS = 1.0, 120.0
 MAX_GUIDANCE = 30.0  # text_to_video.MAX_GUIDANCE, named here so --help needs no torch
@@ -102,17 +110,27 @@ sampling_steps = whole_number_in(1, 1000)  # text_to_video.MAX_STEPS, named here
 
 def check_writable_file(path: str | Path, option: str) -> Path:
     """Refuse an output path before any work is done for it, rather than after: a folder, or a
-    place where no file can be made (an existing parent the user cannot write, or a file in the way)."""
+    place where no file can be made. Asking os.access is not enough (it says yes to root, and
+    knows nothing of names too long or file systems such as /proc), so this creates and removes
+    the very temporary file the output is first written to, in the nearest existing folder."""
+    from kinetoscope.media.frames import partial_sibling
+
     path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a folder; name a file")
-    parent = path.absolute().parent
-    while not parent.exists():  # missing folders will be made under the nearest existing one
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: cannot write in {parent}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UsageError(f"{option} {path}: the file exists and is not writable")
+    try:
+        if path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; name a file")
+        parent = path.absolute().parent
+        while not parent.exists():  # missing folders will be made under the nearest existing one
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UsageError(f"{option} {path}: cannot write in {parent}, which is not a folder")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"{option} {path}: the file exists and is not writable")
+        probe = parent / partial_sibling(path).name
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot write there ({error.strerror or error})") from None
     return path
 
 

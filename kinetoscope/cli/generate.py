@@ -69,9 +69,11 @@ def checked_request(pipe, prompt: str, width: int, height: int, seconds: float |
 
 def retime(frames, source_fps: float, target_fps: float, seconds: float):
     """Resample in time by nearest frame, so motion keeps its speed at any output frame rate."""
+    import math
+
     import numpy as np
 
-    count = max(1, round(seconds * target_fps) + 1)
+    count = math.floor(seconds * target_fps + 0.5) + 1  # halves up: 0.5 s at 1 fps is 2 frames, not 1
     index = np.minimum(np.rint(np.arange(count) * source_fps / target_fps).astype(int), len(frames) - 1)
     return frames[index]
 
@@ -79,12 +81,16 @@ def retime(frames, source_fps: float, target_fps: float, seconds: float):
 def run_generate(args) -> int:
     from tqdm import tqdm
 
-    from kinetoscope.media.video import VIDEO_SUFFIXES, write_video
+    from kinetoscope.media.video import VIDEO_SUFFIXES, check_video_output, write_video
 
     output = Path(args.output)
     image = output.suffix.lower() == ".png"
     if not image and output.suffix.lower() not in VIDEO_SUFFIXES:
         raise common.UsageError(f"output must end in .png, {', '.join(VIDEO_SUFFIXES)}; got {output.name!r}")
+    try:
+        check_video_output(output, args.fps)
+    except ValueError as error:
+        raise common.UsageError(str(error)) from None
     common.check_writable_file(output, "--output")
     pipe = load_pipeline(args.weights)
     width, height = args.size
@@ -120,6 +126,8 @@ def run_eval(args) -> int:
 
     if args.clips is not None and not args.from_noise:
         raise common.UsageError("--clips counts the clips of --from-noise; held-out prompts are counted by --per-tier")
+    if args.from_noise and len(set(args.from_noise)) < len(args.from_noise):
+        raise common.UsageError(f"--from-noise names a level more than once: {' '.join(f'{level:g}' for level in args.from_noise)}")
     report = common.check_writable_file(args.report, "--report") if args.report else None
     pipe = load_pipeline(args.weights)
     try:
@@ -178,6 +186,6 @@ def run_bench(args) -> int:
     print(f"real-time factor: {r['real_time_factor']:.2f}x (clip seconds / wall seconds)")
     print(f"denoiser: {r['denoiser_flops_per_s'] / 1e9:.0f} GFLOP/s = {r['fraction_of_matmul_rate']:.0%} of the "
           f"{r['compute_dtype']} matmul rate measured now ({r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)")
-    where = "allocated by the timed generations" if pipe.device.type == "cuda" else "the process's peak resident memory, loading included"
+    where = "allocated during the timed generations, weights included" if pipe.device.type == "cuda" else "the process's peak resident memory, loading included"
     print(f"peak memory: {r['peak_memory_mib']:.0f} MiB ({where})")
     return 0

@@ -28,7 +28,7 @@ def register(subparsers):
                            help="canvas size, repeatable (default 64x64, 96x64 and 128x128)")
     calibrate.add_argument("--crf", type=common.whole_number_in(0, 51), metavar="0..51",
                            help="H.264 CRF of the compressed condition (default: a visibly lossy 30)")
-    calibrate.add_argument("--show-failures", type=int, default=0, metavar="N", help="print up to N failed checks per condition")
+    calibrate.add_argument("--show-failures", type=common.whole_number_in(0), default=0, metavar="N", help="print up to N failed checks per condition")
     calibrate.set_defaults(handler=run_calibrate)
 
 

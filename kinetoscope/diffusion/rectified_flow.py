@@ -63,11 +63,13 @@ class FlowSchedule:
         return shift_time(low + (high - low) * torch.rand(batch, generator=generator), self.shift(tokens))
 
     def sampling_times(self, steps: int, tokens: int, device=None, strength: float = 1.0) -> torch.Tensor:
-        """steps + 1 times from 1 (pure noise) down to 0 (the clean sample); with `strength` below 1,
-        only the last of them, from that fraction of the path (before the shift) down: a sample
-        started from a noised video (SDEdit) keeps what the noise at that time leaves of it."""
-        times = shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), self.shift(tokens))
-        return times[-(max(1, round(steps * strength)) + 1):]
+        """steps + 1 times from 1 (pure noise) down to 0 (the clean sample), evenly spaced before the
+        shift; with `strength` below 1, from exactly that fraction of the path (before the shift)
+        down, in that share of the steps (rounded up, at least one) at no wider a spacing: a sample
+        started from a noised video (SDEdit) keeps what the noise at that time leaves of it. Where
+        strength * steps is whole, these are the last times of the full schedule."""
+        taken = max(1, math.ceil(steps * strength - 1e-9))
+        return shift_time(torch.linspace(strength, 0.0, taken + 1, device=device), self.shift(tokens))
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:

@@ -64,8 +64,8 @@ def denoiser_flops(pipe, width: int, height: int, frames: int, guidance: float) 
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """CUDA: the most the timed generations allocated. CPU: the process's peak resident memory,
-    loading included (the OS keeps no per-phase peak)."""
+    """CUDA: the most memory allocated at once during the timed generations, the resident weights
+    included. CPU: the process's peak resident memory, loading included (the OS keeps no per-phase peak)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -33,6 +33,11 @@ def as_video_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+def partial_sibling(path: Path) -> Path:
+    """The hidden temporary name `atomic_output` writes `path` under first (longer than the final name)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+
+
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` that replaces `path` only once fully written.
@@ -41,7 +46,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
     most a hidden `.partial` file, never a truncated file under the final name.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    temp = partial_sibling(path)
     try:
         yield temp
         with open(temp, "rb") as written:

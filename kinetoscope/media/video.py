@@ -24,6 +24,7 @@ VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
 WRITABLE_SUFFIXES = (*VIDEO_SUFFIXES, ".png")  # a .png is one still frame
 MAX_CRF = 51  # libx264's worst quality for 8-bit video
 WEBP_QUALITY = 90  # lossy: generated frames are too noisy for lossless WebP to stay small
+MAX_GIF_FPS = 100.0  # a .gif stores each frame's delay in whole 1/100 s
 STILL_IMAGE_FPS = 25.0  # what FFmpeg's image demuxers report, so every still image reads alike
 
 
@@ -50,10 +51,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, quality
     path = Path(path)
     frames = as_video_frames(frames)
     rate = _as_rate(fps)
+    check_video_output(path, fps)
     suffix = path.suffix.lower()
-    if suffix not in WRITABLE_SUFFIXES:
-        supported = ", ".join(WRITABLE_SUFFIXES)
-        raise ValueError(f"cannot write {path}: the extension must be one of {supported}")
     if suffix == ".mp4" and not 0 <= quality <= MAX_CRF:
         raise ValueError(f"quality is an H.264 CRF and must be in 0..{MAX_CRF}, got {quality}")
     if suffix == ".png" and len(frames) != 1:
@@ -69,6 +68,18 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, quality
         else:
             Image.fromarray(frames[0]).save(temp, format="PNG")
     return path
+
+
+def check_video_output(path: str | os.PathLike, fps: float) -> None:
+    """A ValueError (one line) if `write_video` could not write `path` at `fps` whatever the frames:
+    an extension it does not write, or a frame rate the format cannot store. For callers to ask
+    before the work that makes the frames."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in WRITABLE_SUFFIXES:
+        raise ValueError(f"cannot write {path}: the extension must be one of {', '.join(WRITABLE_SUFFIXES)}")
+    if suffix == ".gif" and fps > MAX_GIF_FPS:
+        raise ValueError(f"cannot write {path} at {fps:g} fps: a .gif stores frame delays in 1/100 s, so at most {MAX_GIF_FPS:g} fps")
 
 
 def _as_rate(fps: float) -> Fraction:
@@ -212,12 +223,15 @@ def video_info(path: str | os.PathLike) -> dict:
 
 def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
-    if not path.exists():
-        raise _unreadable(path, "no such file")
-    if not path.is_file():
-        raise _unreadable(path, "not a regular file")
-    if path.stat().st_size == 0:
-        raise _unreadable(path, "empty file")
+    try:
+        if not path.exists():
+            raise _unreadable(path, "no such file")
+        if not path.is_file():
+            raise _unreadable(path, "not a regular file")
+        if path.stat().st_size == 0:
+            raise _unreadable(path, "empty file")
+    except OSError as error:  # e.g. a name too long for the file system
+        raise _unreadable(path, error.strerror or error) from None
     return path
 
 

@@ -35,5 +35,8 @@ def load_checkpoint(directory: str | Path, config_class, kind: str):
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"no {kind} checkpoint in {directory} (need config.json and model.safetensors)")
-    config = config_from_dict(config_class, json.loads(config_path.read_text()), ignore_unknown=True)
+    try:
+        config = config_from_dict(config_class, json.loads(config_path.read_text()), ignore_unknown=True)
+    except (TypeError, ValueError) as error:  # e.g. another kind of model's folder
+        raise ValueError(f"{config_path} does not describe a {kind} ({error})") from None
     return config, load_file(weights_path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 import warnings
 from dataclasses import astuple, dataclass, field
@@ -33,8 +34,10 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "generato
 MAX_PROMPT_CHARS = 1000
 MAX_SIDE = 512
 MAX_FRAMES = 129  # 16 s at 8 fps
+MAX_FPS = 120.0
 MAX_STEPS = 1000
 MAX_GUIDANCE = 30.0  # far past any useful scale; beyond it velocities blow up and frames saturate
+MAX_SEED = 2**63 - 1  # torch.Generator takes a signed 64-bit seed
 COMPILED_TEXT_MULTIPLE = 32  # prompt tokens padded to a multiple of this, so most prompts share one compiled graph
 
 
@@ -54,17 +57,23 @@ class SamplingSettings:
     sampler: str = "stochastic"
 
 
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """`value` as an int if it is a whole number (NumPy's too) in low..high; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    return int(value)
+
+
 def checked_sampling(steps, guidance, sampler: str, guidance_range: tuple[float, float] | None = None) -> SamplingSettings:
     """These settings, once a model whose guidance range is `guidance_range` (None: any useful
     scale; a distilled model knows only its own) can take them; else a ValueError saying why."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+    steps = whole_number(steps, "steps", 1, MAX_STEPS)
     low, high = guidance_range or (0.0, MAX_GUIDANCE)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not low <= guidance <= high:  # NaN fails too
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not low <= guidance <= high:  # NaN fails too
         raise ValueError(f"guidance must be between {low:g} and {high:g} for this model, got {guidance!r}")
-    return SamplingSettings(steps, guidance, sampler)
+    return SamplingSettings(steps, float(guidance), sampler)
 
 
 @dataclass
@@ -110,13 +119,16 @@ class TextToVideo:
         autoencoder_dir = directory / settings["autoencoder"] if "autoencoder" in settings else None
         autoencoder = VideoAutoencoder.from_pretrained(autoencoder_dir)
         schedule = FlowSchedule(**settings.get("schedule", {}))
+        fps = settings.get("fps", 8.0)
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS:  # NaN fails too
+            raise ValueError(f'{directory / "pipeline.json"}: "fps" must be a frame rate above 0 and at most {MAX_FPS:g}, not {fps!r}')
         sampling = settings.get("sampling")
         if sampling is not None and not isinstance(sampling, dict):
             raise ValueError(f'{directory / "pipeline.json"}: "sampling" must be an object of steps, guidance and sampler')
         unknown = set(sampling or {}) - set(SamplingSettings.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{directory / 'pipeline.json'}: unknown sampling setting(s) {', '.join(sorted(unknown))}")
-        return cls(transformer, autoencoder, TextEncoder.load(device), schedule, settings.get("fps", 8.0), device,
+        return cls(transformer, autoencoder, TextEncoder.load(device), schedule, float(fps), device,
                    None if sampling is None else SamplingSettings(**sampling))
 
     def compile(self) -> "TextToVideo":
@@ -137,8 +149,10 @@ class TextToVideo:
     # -- what the model can make ----------------------------------------------------------------
 
     @property
-    def size_multiple(self) -> int:
-        return self.autoencoder.cfg.spatial_factor * self.transformer.cfg.patch[1]
+    def size_multiples(self) -> tuple[int, int]:
+        """(width, height) a size must be a multiple of: a latent cell's pixels times a patch's cells."""
+        factor, (_, patch_height, patch_width) = self.autoencoder.cfg.spatial_factor, self.transformer.cfg.patch
+        return factor * patch_width, factor * patch_height
 
     @property
     def frame_multiple(self) -> int:
@@ -153,14 +167,20 @@ class TextToVideo:
         return 1 + self.frame_multiple * max(1, math.ceil(seconds * self.fps / self.frame_multiple - 1e-9))
 
     def check_request(self, prompt: str, width: int, height: int, frames: int):
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise ValueError(f"the prompt must be a str, not {type(prompt).__name__}")
+        if not prompt.strip():
             raise ValueError("the prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
         self.text_encoder.check_prompt(prompt)
-        m = self.size_multiple
-        if width % m or height % m or not (m <= width <= MAX_SIDE and m <= height <= MAX_SIDE):
-            raise ValueError(f"size {width}x{height} is not supported: width and height must be multiples of {m} from {m} to {MAX_SIDE}")
+        for name, value in (("width", width), ("height", height), ("frames", frames)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        mw, mh = self.size_multiples
+        if width % mw or height % mh or not (mw <= width <= MAX_SIDE and mh <= height <= MAX_SIDE):
+            multiples = f"multiples of {mw}" if mw == mh else f"multiples of {mw} and {mh}"
+            raise ValueError(f"size {width}x{height} is not supported: width and height must be {multiples} from {min(mw, mh)} to {MAX_SIDE}")
         step = self.frame_multiple
         if frames < 1 or (frames - 1) % step or frames > MAX_FRAMES:
             raise ValueError(f"{frames} frames is not supported: 1 + {step}k frames, at most {MAX_FRAMES}")
@@ -187,16 +207,19 @@ class TextToVideo:
         from that video noised to `strength` of the sampler's path (SDEdit, Meng et al., 2022) and
         takes that share of the steps: near 0 it keeps the video, at 1 it keeps nothing of it.
         """
+        seed = whole_number(seed, "seed", 0, MAX_SEED)
         if video is not None:
-            video = np.asarray(video)
+            video = np.ascontiguousarray(video)  # torch takes no negative strides (a flipped view)
             if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
                 raise ValueError(f"video must be uint8 frames shaped (T, H, W, 3), not {video.dtype} {video.shape}")
             frames, height, width = (int(n) for n in video.shape[:3])
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
             raise ValueError(f"strength must be above 0 and at most 1, not {strength!r}")
+        strength = float(strength)
         if video is None and strength != 1:
             raise ValueError("strength below 1 needs a video to start from")
         self.check_request(prompt, width, height, frames)
+        width, height, frames = int(width), int(height), int(frames)
         steps, guidance, sampler = astuple(self.sampling_for(steps, guidance, sampler))
         timings = {}
         start = self._clock()

@@ -73,9 +73,9 @@ class Server:
         whole_seconds = self.parse_seconds(seconds)
         width, height = self.parse_size(size)
         frames = self.model.frames_for(whole_seconds)
-        smallest = self.model.size_multiple
-        for param, args in (("prompt", (prompt, smallest, smallest, 1)), ("size", ("x", width, height, 1)),
-                            ("seconds", ("x", smallest, smallest, frames))):
+        smallest = self.model.size_multiples
+        for param, args in (("prompt", (prompt, *smallest, 1)), ("size", ("x", width, height, 1)),
+                            ("seconds", ("x", *smallest, frames))):
             try:
                 self.model.check_request(*args)
             except ValueError as error:
@@ -97,9 +97,10 @@ class Server:
             return self.settings.default_size
         match = SIZE_PATTERN.fullmatch(size.strip())
         if not match:
-            multiple = self.model.size_multiple
-            raise bad_request(f"Invalid 'size': {size!r}. Send WIDTHxHEIGHT, each a multiple of {multiple} from "
-                              f"{multiple} to {MAX_SIDE} (e.g. {SIZE_EXAMPLES}).", "size")
+            width, height = self.model.size_multiples
+            multiples = f"each a multiple of {width}" if width == height else f"multiples of {width} and {height}"
+            raise bad_request(f"Invalid 'size': {size!r}. Send WIDTHxHEIGHT, {multiples} from "
+                              f"{min(width, height)} to {MAX_SIDE} (e.g. {SIZE_EXAMPLES}).", "size")
         return int(match.group(1)), int(match.group(2))
 
     # -- videos -----------------------------------------------------------------------------------
