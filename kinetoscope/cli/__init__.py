@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 
 from kinetoscope.cli import common
 
@@ -12,6 +13,7 @@ COMMAND_MODULES = ("world", "judge", "autoencoder", "generate", "server")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = common.ErrorExitParser(prog="kinetoscope", description="Open, self-hosted text-to-video.")
+    parser.add_argument("--version", action="version", version=f"kinetoscope {version('kinetoscope')}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=common.ErrorExitParser)
     for name in COMMAND_MODULES:
         module = __import__(f"kinetoscope.cli.{name}", fromlist=["register"])
