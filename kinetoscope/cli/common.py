@@ -28,7 +28,7 @@ class ErrorExitParser(argparse.ArgumentParser):
         return namespace, extras
 
 
-MIN_FPS, MAX_FPS = 1.0, 120.0
+MIN_FPS, MAX_FPS = 1.0, 120.0  # MAX_FPS is text_to_video.MAX_FPS, named here so --help needs no torch
 MAX_GUIDANCE = 30.0  # text_to_video.MAX_GUIDANCE, named here so --help needs no torch
 # What request checks and compile warm-ups send: words every text encoder has, compact copies included.
 PROBE_PROMPT = "a red circle moves to the right"
