@@ -155,6 +155,12 @@ class TextToVideo:
         return factor * patch_width, factor * patch_height
 
     @property
+    def size_rule(self) -> str:
+        """What a width and height must be, in words, for error messages."""
+        mw, mh = self.size_multiples
+        return f"{'multiples of ' + str(mw) if mw == mh else f'multiples of {mw} and {mh}'} from {min(mw, mh)} to {MAX_SIDE}"
+
+    @property
     def frame_multiple(self) -> int:
         return self.autoencoder.cfg.temporal_factor
 
@@ -179,8 +185,7 @@ class TextToVideo:
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
         mw, mh = self.size_multiples
         if width % mw or height % mh or not (mw <= width <= MAX_SIDE and mh <= height <= MAX_SIDE):
-            multiples = f"multiples of {mw}" if mw == mh else f"multiples of {mw} and {mh}"
-            raise ValueError(f"size {width}x{height} is not supported: width and height must be {multiples} from {min(mw, mh)} to {MAX_SIDE}")
+            raise ValueError(f"size {width}x{height} is not supported: width and height must be {self.size_rule}")
         step = self.frame_multiple
         if frames < 1 or (frames - 1) % step or frames > MAX_FRAMES:
             raise ValueError(f"{frames} frames is not supported: 1 + {step}k frames, at most {MAX_FRAMES}")

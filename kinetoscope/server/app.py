@@ -20,7 +20,6 @@ from sqlalchemy import delete, select
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
-from kinetoscope.pipelines.text_to_video import MAX_SIDE
 from kinetoscope.server import access, db
 from kinetoscope.server.errors import ApiError, bad_request, describe_validation_error, install_error_handlers, not_found
 from kinetoscope.server.jobs import JobRunner
@@ -97,10 +96,7 @@ class Server:
             return self.settings.default_size
         match = SIZE_PATTERN.fullmatch(size.strip())
         if not match:
-            width, height = self.model.size_multiples
-            multiples = f"each a multiple of {width}" if width == height else f"multiples of {width} and {height}"
-            raise bad_request(f"Invalid 'size': {size!r}. Send WIDTHxHEIGHT, {multiples} from "
-                              f"{min(width, height)} to {MAX_SIDE} (e.g. {SIZE_EXAMPLES}).", "size")
+            raise bad_request(f"Invalid 'size': {size!r}. Send WIDTHxHEIGHT, {self.model.size_rule} (e.g. {SIZE_EXAMPLES}).", "size")
         return int(match.group(1)), int(match.group(2))
 
     # -- videos -----------------------------------------------------------------------------------
