@@ -311,6 +311,9 @@ def test_a_distill_recipe_trains_a_student_that_samples_in_one_pass(tmp_path):
         recipe.write_text(TINY_RECIPE + broken)
         with pytest.raises(RecipeError, match=message):
             train(str(recipe), output=str(tmp_path / "broken"))
+    recipe.write_text(TINY_RECIPE.replace("log_every = 1", "log_every = 1\nlayout_loss = 1.0\nlayout_block = 1") + distill)
+    with pytest.raises(RecipeError, match="not a guidance-distilled student"):
+        train(str(recipe), output=str(tmp_path / "broken"))
     assert not (tmp_path / "broken").exists()
 
 
@@ -402,3 +405,53 @@ def test_a_time_window_trains_on_that_stretch_of_the_samplers_path_only():
     assert t.min() < shift_time(torch.tensor(0.7), shift) and t.max() > shift_time(torch.tensor(0.9), shift)  # the whole window
     _, everywhere = diffusion_loss(model, latents, text, mask, schedule, caption_dropout=0.0)
     assert everywhere.min() < shift_time(torch.tensor(0.6), shift)  # without one, the whole path
+
+
+def test_layout_targets_put_each_object_centre_on_its_token_by_shape_and_colour():
+    from kinetoscope.data import world
+    from kinetoscope.training.layout import LAYOUT_CHANNELS, latent_step_times, layout_targets
+
+    assert latent_step_times(17, 5, 8.0).tolist() == [0.0, 0.3125, 0.8125, 1.3125, 1.8125]  # frames 1-4 -> mean 2.5 -> 0.3125 s
+    assert latent_step_times(1, 1, 8.0).tolist() == [0.0]
+    still = world.ShapeObject("red", "circle", "medium", "still", None, (0.3, 0.7))
+    moving = world.ShapeObject("blue", "square", "small", "right", "fast", (0.2, 0.2))
+    scene = world.Scene((still, moving), "black").to_dict()
+    maps = layout_targets([scene], (128, 128), 17, 8.0, (5, 8, 8))
+    assert maps.shape == (1, 5 * 8 * 8, LAYOUT_CHANNELS)
+    grid = maps[0].T.reshape(LAYOUT_CHANNELS, 5, 8, 8)
+
+    def peak(channel, step):
+        return divmod(int(grid[channel, step].argmax()), 8)
+
+    circle, square = world.SHAPES.index("circle"), world.SHAPES.index("square")
+    red, blue = (len(world.SHAPES) + list(world.COLORS).index(c) for c in ("red", "blue"))
+    assert peak(circle, 0) == peak(red, 0) == peak(circle, 4) == (5, 2)  # (0.3, 0.7) of 8 tokens, all along
+    assert peak(square, 0) == peak(blue, 0) == (1, 1)
+    assert peak(square, 4)[1] > peak(square, 2)[1] > peak(square, 0)[1]  # it travels right, token by token
+    named = {circle, square, red, blue}
+    assert all(grid[c].max() == 0 for c in range(LAYOUT_CHANNELS) if c not in named)  # nothing green, no triangle
+    wide = layout_targets([scene], (192, 128), 17, 8.0, (5, 8, 12))  # the same scene on a wider canvas
+    assert divmod(int(wide[0, :96, circle].argmax()), 12) == (5, 3)  # 0.3 of 12 tokens across
+
+
+def test_layout_supervision_trains_its_probe_resumes_it_and_leaves_it_out_of_the_export(tmp_path):
+    recipe = tmp_path / "layout.toml"
+    recipe.write_text(TINY_RECIPE.replace("log_every = 1", "log_every = 1\nlayout_loss = 1.0\nlayout_block = 1"))
+    output = tmp_path / "run"
+    train(str(recipe), output=str(output))
+    first_probe = (output / "checkpoint" / "layout_probe.safetensors").read_bytes()
+    final = train(str(recipe), output=str(output), steps=6)
+    records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    layout = [r["layout_loss"] for r in records]
+    assert all(0 <= value < 100 for value in layout) and layout[-1] < layout[0]  # the probe learns
+    assert (output / "checkpoint" / "layout_probe.safetensors").read_bytes() != first_probe  # carried on across the resume
+    assert not any("probe" in path.name for path in final.iterdir())  # sampling never runs it
+    assert TextToVideo.load(final, device="cpu")("a red square spins", width=32, height=32, frames=5, steps=1).frames.shape == (5, 32, 32, 3)
+    for wrong, message in (("layout_loss = 1.0", "layout_loss = 0"), ("layout_block = 1", "layout_block = 2"),
+                           ("layout_block = 1", 'layout_block = "first"'), ("layout_loss = 1.0\n", "")):
+        broken = tmp_path / "broken.toml"
+        broken.write_text(recipe.read_text().replace(wrong, message))
+        with pytest.raises(RecipeError, match="layout_loss must be|layout_block must be"):
+            train(str(broken), output=str(tmp_path / "broken"))
+    assert not (tmp_path / "broken").exists()

@@ -11,6 +11,10 @@ A recipe with a [distill] table trains a guidance-distilled student instead: on 
 the times the sampler visits, the student given the prompt and a guidance scale g learns the
 velocity its teacher gives with classifier-free guidance at g (the teacher's two passes, with and
 without the prompt), so it samples in one pass per step. Caption dropout plays no part there.
+
+`[train] layout_loss = W` (with `layout_block = K`) adds layout supervision (training/layout.py):
+a probe on the tokens after block K learns to tell where each object's centre is, weighted W
+against the velocity loss.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from kinetoscope.models.autoencoder import VideoAutoencoder, default_weights_dir
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
+from kinetoscope.training.layout import HiddenTokens, LayoutProbe, layout_loss, layout_targets
 from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, check_train_settings,
                                          check_buckets, learning_rate, load_recipe, replace_folder,
                                          recipe_dataset, reuse_setting, run_progress)
@@ -50,7 +55,7 @@ KNOWN = {
     "model": ("size", "init", "overrides"),
     "schedule": tuple(f.name for f in fields(FlowSchedule)),
     "data": (*DATA_KEYS, "autoencoder", "bucket_weights", "max_batch_size"),
-    "train": (*REQUIRED["train"], "minutes", "reuse", "times"),
+    "train": (*REQUIRED["train"], "minutes", "reuse", "times", "layout_loss", "layout_block"),
     "eval": REQUIRED["eval"],
     "distill": ("teacher", "guidance"),
 }
@@ -127,6 +132,19 @@ def time_window(settings: dict) -> tuple[float, float] | None:
             or not 0 <= window[0] < window[1] <= 1):
         raise RecipeError(f"[train] times must be [low, high] with 0 <= low < high <= 1, not {window!r}")
     return float(window[0]), float(window[1])
+
+
+def layout_setting(settings: dict, depth: int) -> tuple[float, int] | None:
+    """[train] layout_loss (its weight, > 0) and layout_block (the block whose tokens the probe
+    reads, 1..depth); absent, no layout supervision."""
+    if "layout_loss" not in settings and "layout_block" not in settings:
+        return None
+    weight, block = settings.get("layout_loss"), settings.get("layout_block")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+        raise RecipeError(f"[train] layout_loss must be a positive weight, not {weight!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= depth:
+        raise RecipeError(f"[train] layout_block must be a block of the model, 1 to {depth}, not {block!r}")
+    return float(weight), block
 
 
 def distillation_loss(model, teacher, latents, text, mask, schedule: FlowSchedule, guidance_range, generator=None,
@@ -231,10 +249,12 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def save_checkpoint_model(pair, directory: Path):
-    model, ema = pair
+def save_checkpoint_model(modules, directory: Path):
+    model, ema, probe = modules
     unwrap(model).save_pretrained(directory)
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, directory / "ema.safetensors")
+    if probe is not None:
+        save_file(unwrap(probe).state_dict(), directory / "layout_probe.safetensors")
 
 
 def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None) -> Path | None:
@@ -267,9 +287,15 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         model = DiffusionTransformer(config_for(recipe["model"]["size"], **overrides)).to(device)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"[model]: {error}") from None
+    layout = layout_setting(settings, model.cfg.depth)
+    if layout is not None and teacher is not None:
+        raise RecipeError("[train] layout_loss trains a model from data, not a guidance-distilled student")
     run = RunDirectory(output or settings["output"])  # only once the recipe is known to describe a run
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
+    probe = LayoutProbe(model.cfg.dim).to(device) if layout else None
+    hidden = HiddenTokens(model.blocks[layout[1] - 1]) if layout else None
+    trained = list(model.parameters()) + (list(probe.parameters()) if probe else [])
+    optimizer = torch.optim.AdamW(trained, lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
     step, carried = 0, 0.0
     if main_process:
         run.recover()
@@ -279,6 +305,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         run.check_resumable(recipe)
         model.load_state_dict(load_file(run.checkpoint / "model.safetensors", device=str(device)))
         ema.load_state_dict(load_file(run.checkpoint / "ema.safetensors", device=str(device)))
+        if probe is not None:
+            probe.load_state_dict(load_file(run.checkpoint / "layout_probe.safetensors", device=str(device)))
         state = run.load_state(optimizer)
         step, carried = state["step"], state["elapsed_s"]
         if main_process:
@@ -292,6 +320,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     torch.manual_seed(process_seed)
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
+        probe = torch.nn.parallel.DistributedDataParallel(probe) if probe else None
     clock = Stopwatch(carried)
     to_latents = LatentBatches(autoencoder, TextEncoder.load(device), device)
     try:  # a compact text encoder (on a machine without the wheel) may lack a word: fail now, not at step 500
@@ -304,20 +333,26 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 
     def encoded_batch():
         batch = next(stream)
-        return (*to_latents(batch), batch["bucket"])
+        latents, text, mask = to_latents(batch)
+        bucket = batch["bucket"]
+        targets = None
+        if probe is not None:
+            grid = unwrap(model).patchify(latents[:1])[1]
+            targets = layout_targets(batch["scene"], (bucket.width, bucket.height), bucket.frames, recipe["data"]["fps"], grid).to(device)
+        return latents, text, mask, targets, bucket
 
     pool = BatchPool(encoded_batch, reuse, seed=process_seed)
     band_losses = [[] for _ in range(len(TIME_BUCKETS) - 1)]  # rank 0's, since the last log record
 
     def checkpoint():
         if main_process:
-            run.save((model, ema), optimizer, {"step": step, "elapsed_s": clock.elapsed, "recipe": recipe}, save_checkpoint_model)
+            run.save((model, ema, probe), optimizer, {"step": step, "elapsed_s": clock.elapsed, "recipe": recipe}, save_checkpoint_model)
 
     last_checkpoint = time.monotonic()
     bar = tqdm(total=total_steps, initial=step, desc="generator", dynamic_ncols=True, disable=not main_process)
     model.train()
     while (fraction := agreed(run_progress(step, total_steps, clock.elapsed, minutes), world_size, device)) < 1.0:
-        latents, text, mask, bucket = pool.next()
+        latents, text, mask, targets, bucket = pool.next()
         lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -326,9 +361,10 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         else:
             per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"], window=window)
         loss = per_sample.mean()
+        probe_loss = layout_loss(probe, hidden, targets).mean() if probe is not None else None
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+        (loss if probe_loss is None else loss + layout[0] * probe_loss).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, settings["grad_clip"])
         if torch.isfinite(grad_norm):  # one overflowing batch must not poison the weights, the EMA and the next checkpoint
             optimizer.step()
             with torch.no_grad():
@@ -343,6 +379,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         if main_process and step % settings["log_every"] == 0:
             record = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr,
                       "bucket": str(bucket), "elapsed_s": round(clock.elapsed, 1)}
+            if probe_loss is not None:
+                record["layout_loss"] = probe_loss.item()
             for band, values in enumerate(band_losses):
                 if values:
                     record[band_key(band)] = float(np.mean(values))
@@ -381,7 +419,7 @@ def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory
         labels.append(f"{'PASS' if verdict.passed else 'FAIL'}  {prompt}")
     run.log({"step": step, "eval_judge_pass": passed / len(clips)})
     save_contact_sheet(run.root / "samples" / f"samples_{step:06d}.png", clips, labels)
-    run.plot_loss(("loss", *map(band_key, range(len(TIME_BUCKETS) - 1))), title=f"generator loss (judge pass {passed}/{len(clips)} at step {step})")
+    run.plot_loss(("loss", "layout_loss", *map(band_key, range(len(TIME_BUCKETS) - 1))), title=f"generator loss (judge pass {passed}/{len(clips)} at step {step})")
 
 
 def sample_settings(recipe: dict):
