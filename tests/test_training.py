@@ -319,13 +319,15 @@ def test_a_distill_recipe_trains_a_student_that_samples_in_one_pass(tmp_path):
 
 def test_two_processes_under_torchrun_stop_together_on_the_time_budget(tmp_path):
     recipe = tmp_path / "tiny.toml"
-    recipe.write_text(TINY_RECIPE.replace("steps = 2\n", "steps = 100000\n"))
+    # With layout supervision, whose probe is a second module both processes train.
+    recipe.write_text(TINY_RECIPE.replace("steps = 2\n", "steps = 100000\n").replace("log_every = 1", "log_every = 1\nlayout_loss = 1.0\nlayout_block = 1"))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "kinetoscope", "train",
                "--recipe", str(recipe), "--output", str(tmp_path / "run"), "--minutes", "0.1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["step"] > 0 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoint" / "layout_probe.safetensors").is_file()
 
 
 # The autoencoder trains on the same tiny data and schedule; it has no captions, EMA or eval.

@@ -40,10 +40,10 @@ from kinetoscope.models.autoencoder import VideoAutoencoder, default_weights_dir
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
-from kinetoscope.training.layout import HiddenTokens, LayoutProbe, layout_loss, layout_targets
 from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, check_train_settings,
                                          check_buckets, learning_rate, load_recipe, replace_folder,
                                          recipe_dataset, reuse_setting, run_progress)
+from kinetoscope.training.layout import HiddenTokens, LayoutProbe, layout_loss, layout_targets
 
 REQUIRED = {
     "model": ("size",),
