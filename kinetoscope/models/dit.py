@@ -283,16 +283,20 @@ class DiffusionTransformer(nn.Module):
         if t % pt or h % ph or w % pw:
             raise ValueError(f"latent grid {t}x{h}x{w} is not divisible by the patch {pt}x{ph}x{pw}")
 
+    def token_grid(self, latent_shape) -> tuple[int, int, int]:
+        """The (T, H, W) grid of tokens of latents shaped (C, T, H, W) or (B, C, T, H, W)."""
+        self.check_latent_shape(*latent_shape[-3:])
+        return tuple(length // patch for length, patch in zip(latent_shape[-3:], self.cfg.patch))
+
     def token_count(self, latent_shape) -> int:
         """Tokens in a clip of latents shaped (C, T, H, W) or (B, C, T, H, W)."""
         return math.prod(latent_shape[-3:]) // math.prod(self.cfg.patch)
 
     def patchify(self, latents):
         """(B, C, T, H, W) -> (B, N, C*pt*ph*pw), tokens in (t, h, w) row-major order, and the token grid."""
-        b, c, lt, lh, lw = latents.shape
-        self.check_latent_shape(lt, lh, lw)
+        b, c = latents.shape[:2]
         pt, ph, pw = self.cfg.patch
-        grid = (lt // pt, lh // ph, lw // pw)
+        grid = self.token_grid(latents.shape)
         x = latents.reshape(b, c, grid[0], pt, grid[1], ph, grid[2], pw)
         return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, math.prod(grid), -1), grid
 

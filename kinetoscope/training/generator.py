@@ -337,8 +337,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         bucket = batch["bucket"]
         targets = None
         if probe is not None:
-            grid = unwrap(model).patchify(latents[:1])[1]
-            targets = layout_targets(batch["scene"], (bucket.width, bucket.height), bucket.frames, recipe["data"]["fps"], grid).to(device)
+            targets = layout_targets(batch["scene"], (bucket.width, bucket.height), bucket.frames, recipe["data"]["fps"],
+                                     unwrap(model).token_grid(latents.shape)).to(device)
         return latents, text, mask, targets, bucket
 
     pool = BatchPool(encoded_batch, reuse, seed=process_seed)
