@@ -689,6 +689,59 @@ def test_eval_scores_true_renders_right_and_blank_ones_wrong(monkeypatch):
         assert all(c["passed"] / c["of"] == scores["attributes"][name] for name, c in scores["checks"].items())
 
 
+def eval_report(prompt_seed=777, count=(36, 341), fully_right=0.0):
+    """A report as `kinetoscope eval --report` writes it, two tiers, with `count` passed of checked."""
+    def tier():
+        return {"prompts": 100, "fully_right": fully_right, "attributes": {},
+                "checks": {"count": {"passed": count[0], "of": count[1]}, "background": {"passed": 0, "of": 50}}}
+
+    return {"prompt_seed": prompt_seed, "sampling": {"steps": 20, "guidance": 4.0, "sampler": "stochastic"},
+            "tiers": {"unseen combinations": tier(), "unseen phrasings": tier()}, "failures": []}
+
+
+def test_compare_reports_pairs_every_shared_rate_and_sums_them():
+    from kinetoscope.eval.generation import compare_reports
+
+    changes = {(c.section, c.rate): c for c in compare_reports(eval_report(), eval_report(count=(63, 341), fully_right=0.04))}
+    assert list(changes)[:3] == [("unseen combinations", "fully right"), ("unseen combinations", "count"),
+                                 ("unseen combinations", "background")]
+    assert changes["unseen phrasings", "fully right"].other == (4, 100)
+    assert changes["all", "count"].base == (72, 682) and changes["all", "count"].other == (126, 682)
+    assert changes["all", "all checks"].base == (72, 782)
+    assert changes["unseen combinations", "count"].z == pytest.approx(2.93, abs=0.01)  # (63 - 36) / 341 over the pooled error
+    assert changes["all", "background"].z == 0  # 0% against 0%: nothing could have come out otherwise
+    assert compare_reports(eval_report(count=(63, 341)), eval_report())[1].z == pytest.approx(-2.93, abs=0.01)
+    one_level = {"from_noise": {"1": eval_report()["tiers"]["unseen phrasings"]}}
+    assert [(c.section, c.rate) for c in compare_reports(one_level, one_level)] == [
+        ("from 1 of the path", "fully right"), ("from 1 of the path", "count"), ("from 1 of the path", "background"),
+        ("all", "all checks")]
+
+
+def test_compare_cli_prints_each_change_and_refuses_what_it_cannot_read(tmp_path, capsys):
+    base, other = tmp_path / "base.json", tmp_path / "other.json"
+    base.write_text(json.dumps(eval_report()))
+    other.write_text(json.dumps(eval_report(prompt_seed=778, count=(63, 341))))
+    assert main(["compare", str(base), str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "36/341" in out and "63/341" in out and "+7.9 pts" in out and "+2.9" in out
+    assert "different samples of prompts" in out  # 777 against 778
+    old = eval_report()
+    for scores in old["tiers"].values():
+        del scores["checks"]
+    impossible = eval_report(count=(400, 341))
+    noise_levels = {"from_noise": {"1": eval_report()["tiers"]["unseen phrasings"]}}
+    for name, text in (("old.json", json.dumps(old)), ("impossible.json", json.dumps(impossible)), ("list.json", "[1, 2]"),
+                       ("broken.json", "{"), ("levels.json", json.dumps(noise_levels))):
+        (tmp_path / name).write_text(text)
+    for arguments in ([str(tmp_path / "missing.json"), str(base)], [str(base), str(tmp_path / "old.json")],
+                      [str(tmp_path / "impossible.json"), str(base)], [str(tmp_path / "list.json"), str(base)],
+                      [str(base), str(tmp_path / "broken.json")], [str(base), str(tmp_path / "levels.json")],
+                      [str(tmp_path), str(base)]):
+        assert main(["compare", *arguments]) == 2, arguments
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("kinetoscope compare: error: "), err
+
+
 def test_eval_from_noise_judges_true_clips_sampled_back_from_each_level():
     from kinetoscope.data import captions
     from kinetoscope.eval import generation

@@ -37,6 +37,11 @@ def register(subparsers):
     evaluate.add_argument("--report", help="also write the results as JSON here")
     evaluate.set_defaults(handler=run_eval)
 
+    compare = subparsers.add_parser("compare", help="two eval reports side by side: each rate, its change and how far beyond chance")
+    compare.add_argument("base", help="a report of `kinetoscope eval --report`")
+    compare.add_argument("other", help="another, compared with the base")
+    compare.set_defaults(handler=run_compare)
+
     bench = subparsers.add_parser("bench", help="seconds per clip by stage, real-time factor, FLOP/s, memory")
     bench.add_argument("--size", type=common.parse_size, default=(128, 128))
     bench.add_argument("--seconds", type=common.positive_float, default=2.0)
@@ -165,6 +170,39 @@ def run_eval(args) -> int:
                 temporary.write_text(json.dumps(report_data, indent=2) + "\n")
         except OSError as error:
             raise common.UsageError(f"cannot write {report}: {error}") from None
+    return 0
+
+
+def run_compare(args) -> int:
+    import json
+
+    from kinetoscope.eval.generation import compare_reports
+
+    reports = []
+    for path in (args.base, args.other):
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except OSError as error:
+            raise common.UsageError(f"cannot read {path}: {error.strerror or error}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise common.UsageError(f"{path} is not JSON ({error})") from None
+    try:
+        changes = compare_reports(*reports)
+    except ValueError as error:
+        raise common.UsageError(str(error)) from None
+    for label, path, report in (("base: ", args.base, reports[0]), ("other:", args.other, reports[1])):
+        sampling = report.get("sampling") or {}
+        print(f"{label} {path} (prompt seed {report.get('prompt_seed', '?')}; {sampling.get('steps', '?')} steps of "
+              f"{sampling.get('sampler', '?')}, guidance {sampling.get('guidance', '?')})")
+    if reports[0].get("prompt_seed") != reports[1].get("prompt_seed"):
+        print("note: the reports judged different samples of prompts, so only the rates, not the prompts, are paired")
+    width = max(len(change.section) for change in changes)
+    print(f"{'':{width}}  {'rate':15} {'base':>15} {'other':>15} {'change':>10} {'z':>6}")
+    for change in changes:
+        (a, n), (b, m) = change.base, change.other
+        print(f"{change.section:{width}}  {change.rate:15} {f'{a}/{n}':>9} {a / n:>5.0%} {f'{b}/{m}':>9} {b / m:>5.0%} "
+              f"{(b / m - a / n) * 100:>+6.1f} pts {change.z:>+6.1f}")
+    print("z: the change in standard errors of the difference of two rates; beyond 2 either way, chance alone rarely explains it")
     return 0
 
 

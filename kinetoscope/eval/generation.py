@@ -100,3 +100,65 @@ def evaluate_from_noise(pipe, levels: list[float], clips: int = 50, settings: di
                 progress(level, verdicts[-1])
         report[level] = scores(verdicts)
     return report
+
+
+@dataclass(frozen=True)
+class Change:
+    """One rate in two eval reports: `passed` of `of` in the base, then in the other."""
+    section: str  # a tier, "from 0.7 of the path", or "all"
+    rate: str     # "fully right", an attribute, or "all checks"
+    base: tuple[int, int]
+    other: tuple[int, int]
+
+    @property
+    def z(self) -> float:
+        """The change in standard errors of the difference between two proportions (pooled); 0
+        where both rates are 0 or both 1, since then no count could have come out otherwise."""
+        (a, n), (b, m) = self.base, self.other
+        pooled = (a + b) / (n + m)
+        spread = np.sqrt(pooled * (1 - pooled) * (1 / n + 1 / m))
+        return float((b / m - a / n) / spread) if spread > 0 else 0.0
+
+
+def compare_reports(base: dict, other: dict) -> list[Change]:
+    """Every rate two `kinetoscope eval --report` files share: per tier (or noise level) the prompts
+    fully right and each attribute's checks, then each attribute and all checks summed over the
+    sections. Raises ValueError for a report this cannot read or two that share no section."""
+    base_sections, other_sections = report_sections(base, "the base report"), report_sections(other, "the other report")
+    shared = [name for name in base_sections if name in other_sections]
+    if not shared:
+        raise ValueError(f"the reports share no tier or noise level (base: {', '.join(base_sections)}; "
+                         f"other: {', '.join(other_sections)})")
+    changes, totals = [], defaultdict(lambda: np.zeros(4, dtype=int))
+    for name in shared:
+        old, new = base_sections[name], other_sections[name]
+        changes.append(Change(name, "fully right", (round(old["fully_right"] * old["prompts"]), old["prompts"]),
+                              (round(new["fully_right"] * new["prompts"]), new["prompts"])))
+        for rate in (rate for rate in old["checks"] if rate in new["checks"]):
+            counts = (old["checks"][rate]["passed"], old["checks"][rate]["of"], new["checks"][rate]["passed"], new["checks"][rate]["of"])
+            changes.append(Change(name, rate, counts[:2], counts[2:]))
+            totals[rate] += counts
+            totals["all checks"] += counts
+    summed = [rate for rate in totals if rate != "all checks"] if len(shared) > 1 else []
+    return changes + [Change("all", rate, tuple(map(int, totals[rate][:2])), tuple(map(int, totals[rate][2:])))
+                      for rate in summed + ["all checks"]]
+
+
+def report_sections(report, which: str) -> dict[str, dict]:
+    """{section name: scores} of one eval report, checked enough that comparing cannot fail later."""
+    if not isinstance(report, dict) or not isinstance(report.get("tiers", report.get("from_noise")), dict):
+        raise ValueError(f"{which} is not a report of `kinetoscope eval --report` (no tiers or noise levels)")
+    sections = {**report.get("tiers", {}),
+                **{f"from {level} of the path": scores for level, scores in report.get("from_noise", {}).items()}}
+    for name, scores in sections.items():
+        try:
+            checks = scores["checks"]
+            valid = (isinstance(scores["prompts"], int) and scores["prompts"] > 0 and 0 <= scores["fully_right"] <= 1
+                     and all(isinstance(c["passed"], int) and isinstance(c["of"], int) and 0 <= c["passed"] <= c["of"] and c["of"] > 0
+                             for c in checks.values()))
+        except (KeyError, TypeError, AttributeError):
+            raise ValueError(f"{which}: {name} lacks per-check counts (reports written before 2026-11-30 have none); "
+                             "rerun kinetoscope eval --report") from None
+        if not valid:
+            raise ValueError(f"{which}: {name} has impossible counts")
+    return sections
