@@ -14,7 +14,7 @@ from kinetoscope.models.autoencoder import default_weights_dir
 from kinetoscope.pipelines.text_to_video import SamplingSettings, TextToVideo
 from kinetoscope.training.common import RecipeError, RunDirectory, load_recipe
 from kinetoscope.training.common import BatchPool
-from kinetoscope.training.generator import REQUIRED, train
+from kinetoscope.training.generator import REQUIRED, layout_setting, train
 
 TINY_RECIPE = """
 [model]
@@ -166,6 +166,7 @@ def test_every_generator_recipe_in_the_repository_describes_a_model(recipe):
     loaded = load_recipe(recipe, REQUIRED)
     model = DiffusionTransformer(config_for(loaded["model"]["size"], **loaded["model"].get("overrides", {})))
     assert sum(p.numel() for p in model.parameters()) < 20_000_000  # what this CPU trains, and the repository ships
+    layout_setting(loaded["train"], model.cfg.depth)  # a layout experiment names a block the model has
     if "autoencoder" in loaded["data"]:  # the latent space it trains in is in the repository
         assert (Path(__file__).parent.parent / loaded["data"]["autoencoder"] / "config.json").is_file()
 
