@@ -637,17 +637,18 @@ class RenderingPipe:
 
     def __init__(self, scenes: dict, blank: bool = False, fps: float = 8.0):
         self.scenes, self.blank, self.fps = scenes, blank, fps
-        self.lengths = set()  # the frame counts asked for
+        self.lengths, self.seeds = set(), []  # the frame counts and noise seeds asked for
 
     def frames_for(self, seconds: float) -> int:
         return 1 + round(seconds * self.fps)
 
-    def __call__(self, prompt, frames=17, **settings):
+    def __call__(self, prompt, frames=17, seed=0, **settings):
         from types import SimpleNamespace
 
         from kinetoscope.data import world
 
         self.lengths.add(frames)
+        self.seeds.append(seed)
         frames = world.render(self.scenes[prompt], 128, 128, frames, self.fps)
         return SimpleNamespace(frames=np.zeros_like(frames) if self.blank else frames, fps=self.fps)
 
@@ -678,6 +679,7 @@ def test_eval_scores_true_renders_right_and_blank_ones_wrong(monkeypatch):
     faster = RenderingPipe(scenes, fps=16.0)
     scored = generation.evaluate_generator(faster, per_tier=4)
     assert faster.lengths == {33}  # the scenes' 2 seconds at the model's own frame rate
+    assert faster.seeds == list(range(8))  # each prompt its own noise, the same for every model
     assert all(scores["fully_right"] >= 0.75 for scores in scored["tiers"].values()), scored["failures"]
     blank = generation.evaluate_generator(RenderingPipe(scenes, blank=True), per_tier=4)
     assert all(scores["fully_right"] == 0 for scores in blank["tiers"].values())
@@ -695,7 +697,7 @@ def eval_report(prompt_seed=777, count=(36, 341), fully_right=0.0):
         return {"prompts": 100, "fully_right": fully_right, "attributes": {},
                 "checks": {"count": {"passed": count[0], "of": count[1]}, "background": {"passed": 0, "of": 50}}}
 
-    return {"prompt_seed": prompt_seed, "sampling": {"steps": 20, "guidance": 4.0, "sampler": "stochastic"},
+    return {"prompt_seed": prompt_seed, "sampling": {"steps": 20, "guidance": 4.0, "sampler": "stochastic"}, "noise_seeds": "the prompt's index",
             "tiers": {"unseen combinations": tier(), "unseen phrasings": tier()}, "failures": []}
 
 
@@ -724,7 +726,12 @@ def test_compare_cli_prints_each_change_and_refuses_what_it_cannot_read(tmp_path
     assert main(["compare", str(base), str(other)]) == 0
     out = capsys.readouterr().out
     assert "36/341" in out and "63/341" in out and "+7.9 pts" in out and "+2.9" in out
-    assert "different samples of prompts" in out  # 777 against 778
+    assert "different samples of prompts" in out and "noise" not in out  # 777 against 778, both seeded by index
+    older = eval_report()
+    del older["noise_seeds"]  # before 2026-12-01 every prompt started from noise seed 0
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert main(["compare", str(tmp_path / "older.json"), str(base)]) == 0
+    assert "drew their noise differently" in capsys.readouterr().out
     old = eval_report()
     for scores in old["tiers"].values():
         del scores["checks"]
@@ -972,7 +979,9 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
     out = capsys.readouterr().out
     assert "sampling: 3 steps of euler, guidance 2.5" in out
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["sampling"] == sampling and report["prompt_seed"] == 777
+    assert report["sampling"] == sampling and report["prompt_seed"] == 777 and report["noise_seeds"] == "the prompt's index"
+    assert main(["compare", str(tmp_path / "eval.json"), str(tmp_path / "eval.json")]) == 0  # what eval writes, compare reads
+    assert "all checks" in capsys.readouterr().out
     checks = [c for scores in report["tiers"].values() for c in scores["checks"].values()]
     assert f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)}" in out
     assert main(["eval", "--per-tier", "1", "--sampler", "heun", "--report", str(tmp_path / "eval.json"), "--weights", str(weights)]) == 0

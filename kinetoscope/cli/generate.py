@@ -52,6 +52,9 @@ def register(subparsers):
     bench.set_defaults(handler=run_bench)
 
 
+NOISE_SEEDS = "the prompt's index"  # how eval seeds each generation's noise, as its reports say
+
+
 def load_pipeline(weights: str | None):
     from kinetoscope.pipelines.text_to_video import TextToVideo
 
@@ -142,7 +145,7 @@ def run_eval(args) -> int:
     def attribute_line(scores) -> str:
         return ", ".join(f"{name} {scores['attributes'][name]:.0%} ({c['passed']}/{c['of']})" for name, c in scores["checks"].items())
 
-    report_data = {"prompt_seed": args.prompt_seed, "sampling": asdict(sampling)}
+    report_data = {"prompt_seed": args.prompt_seed, "sampling": asdict(sampling), "noise_seeds": NOISE_SEEDS}
     if args.from_noise:
         clips = args.clips or 50
         with tqdm(total=clips * len(args.from_noise), desc="noised clips", unit="clip") as bar:
@@ -196,6 +199,10 @@ def run_compare(args) -> int:
               f"{sampling.get('sampler', '?')}, guidance {sampling.get('guidance', '?')})")
     if reports[0].get("prompt_seed") != reports[1].get("prompt_seed"):
         print("note: the reports judged different samples of prompts, so only the rates, not the prompts, are paired")
+    seeding = [report.get("noise_seeds") or (NOISE_SEEDS if "from_noise" in report else "0 for every prompt (before 2026-12-01)")
+               for report in reports]
+    if seeding[0] != seeding[1]:
+        print(f"note: the reports drew their noise differently (base: seed {seeding[0]}; other: seed {seeding[1]})")
     width = max(len(change.section) for change in changes)
     print(f"{'':{width}}  {'rate':15} {'base':>15} {'other':>15} {'change':>10} {'z':>6}")
     for change in changes:

@@ -60,12 +60,14 @@ def scores(verdicts: list) -> dict:
 def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, progress=None, seed: int = EVAL_SEED) -> dict:
     """{"tiers": {tier: scores}, "failures"}. The judge checks each named group of objects (count,
     shape, size, motion, speed where named, steadiness), a named relation and background once, and
-    extra objects once per prompt, so the counts say how many checks each rate rests on."""
+    extra objects once per prompt, so the counts say how many checks each rate rests on. Prompt i
+    starts from noise seed i, so that the rates average over the noise rather than ride on one draw
+    of it (reports before 2026-12-01 drew every prompt from seed 0), and two models meet the same noise."""
     settings = {"frames": pipe.frames_for(EVAL_SECONDS), **(settings or {})}  # the scenes' length at the model's frame rate
     verdicts = defaultdict(list)
     failures = []
-    for item in held_out_prompts(per_tier, seed):
-        video = pipe(item.prompt, **settings)
+    for index, item in enumerate(held_out_prompts(per_tier, seed)):
+        video = pipe(item.prompt, seed=index, **settings)
         verdict = judge(video.frames, captions.parse_prompt(item.prompt), video.fps)
         verdicts[item.tier].append(verdict)
         if not verdict.passed:
