@@ -738,12 +738,13 @@ def test_compare_cli_prints_each_change_and_refuses_what_it_cannot_read(tmp_path
     impossible = eval_report(count=(400, 341))
     noise_levels = {"from_noise": {"1": eval_report()["tiers"]["unseen phrasings"]}}
     for name, text in (("old.json", json.dumps(old)), ("impossible.json", json.dumps(impossible)), ("list.json", "[1, 2]"),
-                       ("broken.json", "{"), ("levels.json", json.dumps(noise_levels))):
+                       ("broken.json", "{"), ("levels.json", json.dumps(noise_levels)),
+                       ("odd.json", json.dumps({**eval_report(), "from_noise": [1]})), ("empty.json", json.dumps({"tiers": {}}))):
         (tmp_path / name).write_text(text)
     for arguments in ([str(tmp_path / "missing.json"), str(base)], [str(base), str(tmp_path / "old.json")],
                       [str(tmp_path / "impossible.json"), str(base)], [str(tmp_path / "list.json"), str(base)],
                       [str(base), str(tmp_path / "broken.json")], [str(base), str(tmp_path / "levels.json")],
-                      [str(tmp_path), str(base)]):
+                      [str(tmp_path / "odd.json"), str(base)], [str(base), str(tmp_path / "empty.json")], [str(tmp_path), str(base)]):
         assert main(["compare", *arguments]) == 2, arguments
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("kinetoscope compare: error: "), err

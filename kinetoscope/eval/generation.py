@@ -148,10 +148,10 @@ def compare_reports(base: dict, other: dict) -> list[Change]:
 
 def report_sections(report, which: str) -> dict[str, dict]:
     """{section name: scores} of one eval report, checked enough that comparing cannot fail later."""
-    if not isinstance(report, dict) or not isinstance(report.get("tiers", report.get("from_noise")), dict):
+    parts = [report.get(key, {}) for key in ("tiers", "from_noise")] if isinstance(report, dict) else [None]
+    if not all(isinstance(part, dict) for part in parts) or not any(parts):
         raise ValueError(f"{which} is not a report of `kinetoscope eval --report` (no tiers or noise levels)")
-    sections = {**report.get("tiers", {}),
-                **{f"from {level} of the path": scores for level, scores in report.get("from_noise", {}).items()}}
+    sections = {**parts[0], **{f"from {level} of the path": scores for level, scores in parts[1].items()}}
     for name, scores in sections.items():
         try:
             checks = scores["checks"]
