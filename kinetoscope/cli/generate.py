@@ -1,4 +1,4 @@
-"""`kinetoscope generate`, `kinetoscope train`, `kinetoscope eval` and `kinetoscope bench`."""
+"""`kinetoscope generate`, `kinetoscope train`, `kinetoscope eval`, `kinetoscope compare` and `kinetoscope bench`."""
 
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def run_compare(args) -> int:
     except ValueError as error:
         raise common.UsageError(str(error)) from None
     for label, path, report in (("base: ", args.base, reports[0]), ("other:", args.other, reports[1])):
-        sampling = report.get("sampling") or {}
+        sampling = report["sampling"] if isinstance(report.get("sampling"), dict) else {}
         print(f"{label} {path} (prompt seed {report.get('prompt_seed', '?')}; {sampling.get('steps', '?')} steps of "
               f"{sampling.get('sampler', '?')}, guidance {sampling.get('guidance', '?')})")
     if reports[0].get("prompt_seed") != reports[1].get("prompt_seed"):

@@ -6,6 +6,8 @@ Tiers, all never trained on:
 
 And where along the sampler's path a model decides a layout (`evaluate_from_noise`): true clips of
 training scenes, noised part of the way and sampled back, judged against their captions.
+
+And whether one report differs from another by more than chance (`compare_reports`).
 """
 
 from __future__ import annotations
