@@ -684,6 +684,11 @@ def test_eval_scores_true_renders_right_and_blank_ones_wrong(monkeypatch):
     blank = generation.evaluate_generator(RenderingPipe(scenes, blank=True), per_tier=4)
     assert all(scores["fully_right"] == 0 for scores in blank["tiers"].values())
     assert len(blank["failures"]) == 8 and all(scores["attributes"]["count"] == 0 for scores in blank["tiers"].values())
+    named = {p.prompt: len(captions.parse_prompt(p.prompt).objects) for p in prompts}
+    assert {count: tally["prompts"] for count, tally in blank["by_objects"].items()} == {
+        count: list(named.values()).count(count) for count in sorted(set(named.values()))}
+    assert all(tally["fully_right"] == 0 for tally in blank["by_objects"].values())
+    assert sum(tally["fully_right"] for tally in truth["by_objects"].values()) == 8 - len(truth["failures"])
     for scores in blank["tiers"].values():  # every named object's count checked once, none passed
         assert scores["checks"]["count"]["passed"] == 0 and scores["checks"]["count"]["of"] >= 4
         assert all(0 <= c["passed"] <= c["of"] for c in scores["checks"].values())
@@ -988,6 +993,9 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
     assert "all checks" in capsys.readouterr().out
     checks = [c for scores in report["tiers"].values() for c in scores["checks"].values()]
     assert f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)}" in out
+    by_objects = report["by_objects"]
+    assert sum(tally["prompts"] for tally in by_objects.values()) == 2 and "fully right by objects named: " in out
+    assert all(f"{count} object" in out for count in by_objects)
     assert main(["eval", "--per-tier", "1", "--sampler", "heun", "--report", str(tmp_path / "eval.json"), "--weights", str(weights)]) == 0
     assert "sampling: 3 steps of heun" in capsys.readouterr().out
     assert json.loads((tmp_path / "eval.json").read_text())["sampling"]["sampler"] == "heun"

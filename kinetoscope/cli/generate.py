@@ -163,9 +163,12 @@ def run_eval(args) -> int:
             print(f"{tier}: {scores['fully_right']:.1%} of {scores['prompts']} prompts fully right; per attribute: {attribute_line(scores)}")
         checks = [count for scores in result["tiers"].values() for count in scores["checks"].values()]
         print(f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)} (all tiers)")
+        print("fully right by objects named: " + ", ".join(f"{count} object{'s' * (count > 1)} {tally['fully_right']} of {tally['prompts']}"
+                                                          for count, tally in result["by_objects"].items()))
         for item, failed in result["failures"][:10]:
             print(f"  failed [{item.tier}] {item.prompt!r}: {'; '.join(failed)}")
         report_data["tiers"] = result["tiers"]
+        report_data["by_objects"] = {str(count): tally for count, tally in result["by_objects"].items()}
         report_data["failures"] = [{"tier": item.tier, "prompt": item.prompt, "failed": failed} for item, failed in result["failures"]]
     if report is not None:
         try:

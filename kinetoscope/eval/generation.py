@@ -60,23 +60,28 @@ def scores(verdicts: list) -> dict:
 
 
 def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, progress=None, seed: int = EVAL_SEED) -> dict:
-    """{"tiers": {tier: scores}, "failures"}. The judge checks each named group of objects (count,
+    """{"tiers": {tier: scores}, "by_objects": {objects named: {"prompts", "fully_right"}}, "failures"}
+    (by_objects counts prompts over both tiers, since what fails most is a scene of several objects). The judge checks each named group of objects (count,
     shape, size, motion, speed where named, steadiness), a named relation and background once, and
     extra objects once per prompt, so the counts say how many checks each rate rests on. Prompt i
     starts from noise seed i, so that the rates average over the noise rather than ride on one draw
     of it (reports before 2026-12-01 drew every prompt from seed 0), and two models meet the same noise."""
     settings = {"frames": pipe.frames_for(EVAL_SECONDS), **(settings or {})}  # the scenes' length at the model's frame rate
-    verdicts = defaultdict(list)
+    verdicts, by_objects = defaultdict(list), defaultdict(list)
     failures = []
     for index, item in enumerate(held_out_prompts(per_tier, seed)):
         video = pipe(item.prompt, seed=index, **settings)
-        verdict = judge(video.frames, captions.parse_prompt(item.prompt), video.fps)
+        scene = captions.parse_prompt(item.prompt)
+        verdict = judge(video.frames, scene, video.fps)
         verdicts[item.tier].append(verdict)
+        by_objects[len(scene.objects)].append(verdict.passed)
         if not verdict.passed:
             failures.append((item, [str(c) for c in verdict.checks if not c.passed]))
         if progress is not None:
             progress(item, verdict)
-    return {"tiers": {tier: scores(results) for tier, results in verdicts.items()}, "failures": failures}
+    return {"tiers": {tier: scores(results) for tier, results in verdicts.items()},
+            "by_objects": {count: {"prompts": len(passed), "fully_right": int(sum(passed))} for count, passed in sorted(by_objects.items())},
+            "failures": failures}
 
 
 def evaluate_from_noise(pipe, levels: list[float], clips: int = 50, settings: dict | None = None, progress=None,
