@@ -52,9 +52,6 @@ def register(subparsers):
     bench.set_defaults(handler=run_bench)
 
 
-NOISE_SEEDS = "the prompt's index"  # how eval seeds each generation's noise, as its reports say
-
-
 def load_pipeline(weights: str | None):
     from kinetoscope.pipelines.text_to_video import TextToVideo
 
@@ -127,7 +124,7 @@ def run_eval(args) -> int:
 
     from tqdm import tqdm
 
-    from kinetoscope.eval.generation import TIERS, evaluate_from_noise, evaluate_generator
+    from kinetoscope.eval.generation import NOISE_SEEDS, TIERS, evaluate_from_noise, evaluate_generator
     from kinetoscope.media.frames import atomic_output
 
     if args.clips is not None and not args.from_noise:
@@ -182,7 +179,7 @@ def run_eval(args) -> int:
 def run_compare(args) -> int:
     import json
 
-    from kinetoscope.eval.generation import compare_reports
+    from kinetoscope.eval.generation import compare_reports, report_noise_seeds
 
     reports = []
     for path in (args.base, args.other):
@@ -202,8 +199,7 @@ def run_compare(args) -> int:
               f"{sampling.get('sampler', '?')}, guidance {sampling.get('guidance', '?')})")
     if reports[0].get("prompt_seed") != reports[1].get("prompt_seed"):
         print("note: the reports judged different samples of prompts, so only the rates, not the prompts, are paired")
-    seeding = [report.get("noise_seeds") or (NOISE_SEEDS if "from_noise" in report else "0 for every prompt (before 2026-12-01)")
-               for report in reports]
+    seeding = [report_noise_seeds(report) for report in reports]
     if seeding[0] != seeding[1]:
         print(f"note: the reports drew their noise differently (base: seed {seeding[0]}; other: seed {seeding[1]})")
     width = max(len(change.section) for change in changes)

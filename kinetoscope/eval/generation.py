@@ -22,6 +22,9 @@ from kinetoscope.eval.judge import judge
 
 EVAL_SEED = 777
 EVAL_SECONDS = 2.0  # every held-out scene lasts this long
+# Each generation's noise seed, as reports record it: prompt i's, so that the rates average over the
+# noise rather than ride on one draw of it, and two models meet the same noise prompt by prompt.
+NOISE_SEEDS = "the prompt's index"
 TIERS = {
     "unseen combinations": (captions.HELDOUT_SCENES, "train"),
     "unseen phrasings": (captions.TRAIN_SCENES, "heldout"),
@@ -60,12 +63,11 @@ def scores(verdicts: list) -> dict:
 
 
 def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, progress=None, seed: int = EVAL_SEED) -> dict:
-    """{"tiers": {tier: scores}, "by_objects": {objects named: {"prompts", "fully_right"}}, "failures"}
-    (by_objects counts prompts over both tiers, since what fails most is a scene of several objects). The judge checks each named group of objects (count,
-    shape, size, motion, speed where named, steadiness), a named relation and background once, and
-    extra objects once per prompt, so the counts say how many checks each rate rests on. Prompt i
-    starts from noise seed i, so that the rates average over the noise rather than ride on one draw
-    of it (reports before 2026-12-01 drew every prompt from seed 0), and two models meet the same noise."""
+    """{"tiers": {tier: scores}, "by_objects": {objects named: {"prompts", "fully_right"}}, "failures"};
+    by_objects counts prompts over both tiers, since what fails most is a scene of several objects.
+    The judge checks each named group of objects (count, shape, size, motion, speed where named,
+    steadiness), a named relation and background once, and extra objects once per prompt, so the
+    counts say how many checks each rate rests on. Prompt i starts from noise seed i (NOISE_SEEDS)."""
     settings = {"frames": pipe.frames_for(EVAL_SECONDS), **(settings or {})}  # the scenes' length at the model's frame rate
     verdicts, by_objects = defaultdict(list), defaultdict(list)
     failures = []
@@ -151,6 +153,12 @@ def compare_reports(base: dict, other: dict) -> list[Change]:
     summed = [rate for rate in totals if rate != "all checks"] if len(shared) > 1 else []
     return changes + [Change("all", rate, tuple(map(int, totals[rate][:2])), tuple(map(int, totals[rate][2:])))
                       for rate in summed + ["all checks"]]
+
+
+def report_noise_seeds(report: dict) -> str:
+    """How a report seeded its noise; those that do not say are from before it was recorded, when
+    held-out prompts all started from seed 0 (noise levels always started from the clip's index)."""
+    return report.get("noise_seeds") or (NOISE_SEEDS if "from_noise" in report else "0 for every prompt (before 2026-12-01)")
 
 
 def report_sections(report, which: str) -> dict[str, dict]:
