@@ -332,9 +332,9 @@ def count_calls(pipe, monkeypatch):
     calls = []
     forward = pipe.transformer.forward
 
-    def counting(x, *args):
+    def counting(x, *args, **kwargs):
         calls.append(x.shape[0])
-        return forward(x, *args)
+        return forward(x, *args, **kwargs)
 
     monkeypatch.setattr(pipe.transformer, "forward", counting)
     return calls
@@ -359,7 +359,7 @@ def test_steps_guidance_and_sampler_change_what_they_should(pipe, monkeypatch):
 
 
 def test_guidance_extrapolates_from_the_empty_prompt_through_the_prompt(pipe, monkeypatch):
-    def fake_velocity(x, t, text, mask, clean_estimate=None, guidance=None):  # 3 where the prompt is seen, 1 for the empty prompt
+    def fake_velocity(x, t, text, mask, clean_estimate=None, guidance=None, layout=None):  # 3 where the prompt is seen, 1 for the empty prompt
         has_prompt = mask[:, 1:].any(1).float().view(-1, 1, 1, 1, 1)
         return torch.ones_like(x) * (1 + 2 * has_prompt)
 
@@ -820,7 +820,7 @@ def test_self_conditioning_refines_the_estimate_of_the_previous_step(text_encode
     pipe = TextToVideo(transformer, VideoAutoencoder(TINY_AE), text_encoder)
     seen = []  # (x, t, clean estimate) of every call, and the guided velocity it led to
 
-    def fake_velocity(x, t, text, mask, clean_estimate=None, guidance=None):
+    def fake_velocity(x, t, text, mask, clean_estimate=None, guidance=None, layout=None):
         v = x * (0.5 + t.view(-1, 1, 1, 1, 1)) + mask[:, 1:].any(1).float().view(-1, 1, 1, 1, 1)
         seen.append((x[:1].clone(), t[:1].clone(), clean_estimate))
         return v
@@ -927,7 +927,7 @@ def test_a_distilled_pipeline_takes_one_pass_per_step_and_only_its_guidance_rang
     pipe = TextToVideo(distilled_student(tiny_transformer(), (1.0, 5.0)), VideoAutoencoder(TINY_AE), text_encoder)
     seen = []
 
-    def fake_velocity(x, t, text, mask, clean_estimate=None, guidance=None):
+    def fake_velocity(x, t, text, mask, clean_estimate=None, guidance=None, layout=None):
         seen.append((x.shape[0], guidance.tolist()))
         return torch.zeros_like(x)
 
@@ -972,7 +972,7 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
     assert pipe.sampling == SamplingSettings(3, 2.5, "euler")
     seen = []
     forward = pipe.transformer.forward
-    monkeypatch.setattr(pipe.transformer, "forward", lambda x, *args: seen.append(args[-1].tolist()) or forward(x, *args))
+    monkeypatch.setattr(pipe.transformer, "forward", lambda x, *args, **kwargs: seen.append(args[-1].tolist()) or forward(x, *args, **kwargs))
     pipe("a red circle", width=32, height=32, frames=1)
     assert seen == [[2.5]] * 3  # Euler: one pass a step
     seen.clear()

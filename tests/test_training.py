@@ -313,7 +313,7 @@ def test_a_distill_recipe_trains_a_student_that_samples_in_one_pass(tmp_path):
         with pytest.raises(RecipeError, match=message):
             train(str(recipe), output=str(tmp_path / "broken"))
     recipe.write_text(TINY_RECIPE.replace("log_every = 1", "log_every = 1\nlayout_loss = 1.0\nlayout_block = 1") + distill)
-    with pytest.raises(RecipeError, match="not a guidance-distilled student"):
+    with pytest.raises(RecipeError, match="not as a guidance-distilled student"):
         train(str(recipe), output=str(tmp_path / "broken"))
     assert not (tmp_path / "broken").exists()
 
@@ -410,16 +410,16 @@ def test_a_time_window_trains_on_that_stretch_of_the_samplers_path_only():
     assert everywhere.min() < shift_time(torch.tensor(0.6), shift)  # without one, the whole path
 
 
-def test_layout_targets_put_each_object_centre_on_its_token_by_shape_and_colour():
+def test_layout_maps_put_each_object_centre_on_its_token_by_shape_and_colour():
     from kinetoscope.data import world
-    from kinetoscope.training.layout import LAYOUT_CHANNELS, latent_step_times, layout_targets
+    from kinetoscope.data.layout import LAYOUT_CHANNELS, latent_step_times, layout_maps
 
     assert latent_step_times(17, 5, 8.0).tolist() == [0.0, 0.3125, 0.8125, 1.3125, 1.8125]  # frames 1-4 -> mean 2.5 -> 0.3125 s
     assert latent_step_times(1, 1, 8.0).tolist() == [0.0]
     still = world.ShapeObject("red", "circle", "medium", "still", None, (0.3, 0.7))
     moving = world.ShapeObject("blue", "square", "small", "right", "fast", (0.2, 0.2))
-    scene = world.Scene((still, moving), "black").to_dict()
-    maps = layout_targets([scene], (128, 128), 17, 8.0, (5, 8, 8))
+    scene = (still, moving)
+    maps = layout_maps([scene], (128, 128), 17, 8.0, (5, 8, 8))
     assert maps.shape == (1, 5 * 8 * 8, LAYOUT_CHANNELS)
     grid = maps[0].T.reshape(LAYOUT_CHANNELS, 5, 8, 8)
 
@@ -433,7 +433,7 @@ def test_layout_targets_put_each_object_centre_on_its_token_by_shape_and_colour(
     assert peak(square, 4)[1] > peak(square, 2)[1] > peak(square, 0)[1]  # it travels right, token by token
     named = {circle, square, red, blue}
     assert all(grid[c].max() == 0 for c in range(LAYOUT_CHANNELS) if c not in named)  # nothing green, no triangle
-    wide = layout_targets([scene], (192, 128), 17, 8.0, (5, 8, 12))  # the same scene on a wider canvas
+    wide = layout_maps([scene], (192, 128), 17, 8.0, (5, 8, 12))  # the same scene on a wider canvas
     assert divmod(int(wide[0, :96, circle].argmax()), 12) == (5, 3)  # 0.3 of 12 tokens across
 
 

@@ -8,7 +8,7 @@ from importlib.metadata import version
 
 from kinetoscope.cli import common
 
-COMMAND_MODULES = ("world", "judge", "autoencoder", "generate", "server")
+COMMAND_MODULES = ("world", "judge", "autoencoder", "generate", "planner", "server")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,9 +11,7 @@ def register(subparsers):
     ae = subparsers.add_parser("ae", help="train and evaluate the video autoencoder")
     ae_commands = ae.add_subparsers(dest="ae_command", required=True, parser_class=common.ErrorExitParser)
 
-    train = ae_commands.add_parser("train", help="train from a recipe (resumes from OUTPUT/checkpoint)")
-    common.add_training_arguments(train, "configs/autoencoder.toml")
-    train.set_defaults(handler=run_train)
+    common.add_train_command(ae_commands, "configs/autoencoder.toml", run_train)
 
     evaluate = ae_commands.add_parser("eval", help="PSNR/SSIM on held-out clips and encode/decode speed")
     evaluate.add_argument("--weights", help="checkpoint folder (default: the shipped weights)")

@@ -134,6 +134,13 @@ def check_writable_file(path: str | Path, option: str) -> Path:
     return path
 
 
+def add_train_command(commands, default_recipe: str, handler):
+    """A command group's `train` (the autoencoder's, the planner's): a recipe, resumed from OUTPUT/checkpoint."""
+    train = commands.add_parser("train", help="train from a recipe (resumes from OUTPUT/checkpoint)")
+    add_training_arguments(train, default_recipe)
+    train.set_defaults(handler=handler)
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, default_recipe: str):
     parser.add_argument("--recipe", default=default_recipe)
     parser.add_argument("--output", help="run directory (default: the recipe's)")

@@ -119,13 +119,11 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
-    import json
     from dataclasses import asdict
 
     from tqdm import tqdm
 
     from kinetoscope.eval.generation import NOISE_SEEDS, TIERS, evaluate_from_noise, evaluate_generator
-    from kinetoscope.media.frames import atomic_output
 
     if args.clips is not None and not args.from_noise:
         raise common.UsageError("--clips counts the clips of --from-noise; held-out prompts are counted by --per-tier")
@@ -139,9 +137,6 @@ def run_eval(args) -> int:
         raise common.UsageError(str(error)) from None
     print(f"sampling: {sampling.steps} steps of {sampling.sampler}, guidance {sampling.guidance:g}")
 
-    def attribute_line(scores) -> str:
-        return ", ".join(f"{name} {scores['attributes'][name]:.0%} ({c['passed']}/{c['of']})" for name, c in scores["checks"].items())
-
     report_data = {"prompt_seed": args.prompt_seed, "sampling": asdict(sampling), "noise_seeds": NOISE_SEEDS}
     if args.from_noise:
         clips = args.clips or 50
@@ -152,28 +147,48 @@ def run_eval(args) -> int:
             print(f"from {level:g} of the path: {scores['fully_right']:.1%} of {scores['prompts']} clips fully right; "
                   f"per attribute: {attribute_line(scores)}")
         report_data["from_noise"] = {f"{level:g}": scores for level, scores in levels.items()}
+        result = None
     else:
         with tqdm(total=args.per_tier * len(TIERS), desc="held-out prompts", unit="clip") as bar:
             result = evaluate_generator(pipe, args.per_tier, asdict(sampling),
                                         progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
-        for tier, scores in result["tiers"].items():
-            print(f"{tier}: {scores['fully_right']:.1%} of {scores['prompts']} prompts fully right; per attribute: {attribute_line(scores)}")
-        checks = [count for scores in result["tiers"].values() for count in scores["checks"].values()]
-        print(f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)} (all tiers)")
-        print("fully right by objects named: " + ", ".join(f"{count} object{'s' * (count > 1)} {tally['fully_right']} of {tally['prompts']}"
-                                                          for count, tally in result["by_objects"].items()))
-        for item, failed in result["failures"][:10]:
-            print(f"  failed [{item.tier}] {item.prompt!r}: {'; '.join(failed)}")
+        print_results(result)
+    if report is not None:
+        write_report(report, report_data, result)
+    return 0
+
+
+def attribute_line(scores) -> str:
+    return ", ".join(f"{name} {scores['attributes'][name]:.0%} ({c['passed']}/{c['of']})" for name, c in scores["checks"].items())
+
+
+def print_results(result: dict):
+    """What `evaluate_generator` found, as eval prints it: each tier, the checks, and the first failures."""
+    for tier, scores in result["tiers"].items():
+        print(f"{tier}: {scores['fully_right']:.1%} of {scores['prompts']} prompts fully right; per attribute: {attribute_line(scores)}")
+    checks = [count for scores in result["tiers"].values() for count in scores["checks"].values()]
+    print(f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)} (all tiers)")
+    print("fully right by objects named: " + ", ".join(f"{count} object{'s' * (count > 1)} {tally['fully_right']} of {tally['prompts']}"
+                                                      for count, tally in result["by_objects"].items()))
+    for item, failed in result["failures"][:10]:
+        print(f"  failed [{item.tier}] {item.prompt!r}: {'; '.join(failed)}")
+
+
+def write_report(path: Path, report_data: dict, result: dict | None):
+    """An eval report: `report_data` (how it was made), and `evaluate_generator`'s result where there is one."""
+    import json
+
+    from kinetoscope.media.frames import atomic_output
+
+    if result is not None:
         report_data["tiers"] = result["tiers"]
         report_data["by_objects"] = {str(count): tally for count, tally in result["by_objects"].items()}
         report_data["failures"] = [{"tier": item.tier, "prompt": item.prompt, "failed": failed} for item, failed in result["failures"]]
-    if report is not None:
-        try:
-            with atomic_output(report) as temporary:
-                temporary.write_text(json.dumps(report_data, indent=2) + "\n")
-        except OSError as error:
-            raise common.UsageError(f"cannot write {report}: {error}") from None
-    return 0
+    try:
+        with atomic_output(path) as temporary:
+            temporary.write_text(json.dumps(report_data, indent=2) + "\n")
+    except OSError as error:
+        raise common.UsageError(f"cannot write {path}: {error}") from None
 
 
 def run_compare(args) -> int:

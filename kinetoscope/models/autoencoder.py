@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kinetoscope.models.checkpoint import load_checkpoint, save_checkpoint
+from kinetoscope.models.checkpoint import Pretrained
 
 
 @dataclass
@@ -191,7 +191,10 @@ class Decoder(nn.Module):
         return self.refiner(F.pixel_shuffle(patches, self.patch)).unflatten(0, (-1, steps))
 
 
-class VideoAutoencoder(nn.Module):
+class VideoAutoencoder(Pretrained, nn.Module):
+    config_class = AutoencoderConfig
+    kind = "autoencoder"
+
     def __init__(self, cfg: AutoencoderConfig = AutoencoderConfig()):
         super().__init__()
         cfg.check_shortcuts()
@@ -260,16 +263,10 @@ class VideoAutoencoder(nn.Module):
 
     # -- weights --------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, metadata: dict | None = None):
-        save_checkpoint(directory, self, self.cfg, metadata)
-
     @classmethod
     def from_pretrained(cls, directory: str | Path | None = None) -> "VideoAutoencoder":
-        directory = Path(directory) if directory is not None else default_weights_dir()
-        cfg, state = load_checkpoint(directory, AutoencoderConfig, "autoencoder")
-        model = cls(cfg)
-        model.load_state_dict(state)
-        return model.eval()
+        """`directory` None: the shipped weights."""
+        return super().from_pretrained(directory if directory is not None else default_weights_dir())
 
 
 def default_weights_dir() -> Path:

@@ -40,3 +40,21 @@ def load_checkpoint(directory: str | Path, config_class, kind: str):
     except (TypeError, ValueError) as error:  # e.g. another kind of model's folder
         raise ValueError(f"{config_path} does not describe a {kind} ({error})") from None
     return config, load_file(weights_path)
+
+
+class Pretrained:
+    """save_pretrained / from_pretrained for a module built from one config (`self.cfg`), in the
+    folder form above: a subclass names its `config_class` and the `kind` error messages call it."""
+
+    config_class: type
+    kind: str
+
+    def save_pretrained(self, directory: str | Path, metadata: dict | None = None):
+        save_checkpoint(directory, self, self.cfg, metadata)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path):
+        cfg, state = load_checkpoint(directory, cls.config_class, cls.kind)
+        model = cls(cfg)
+        model.load_state_dict(state)
+        return model.eval()

@@ -22,6 +22,11 @@ ships this way): a model with `distilled_guidance` takes the guidance scale as a
 like the timestep, and is trained to give in one forward pass what classifier-free guidance takes
 two for, so sampling costs half.
 
+Layout input: a model with `layout_channels` also takes, at every token, heatmaps of where each
+object's centre is (data/layout.py), from the clip's truth in training and from a layout planner
+(models/planner.py) at sampling. Where objects go, how many and of what kind, is then decided
+once, in a few numbers a small model can get right, and the denoiser paints what it is shown.
+
 Shapes: latents (B, C, T, H, W); text (B, L, D_text) with mask (B, L); tokens (B, N, D).
 """
 
@@ -29,13 +34,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kinetoscope.models.checkpoint import load_checkpoint, save_checkpoint
+from kinetoscope.models.checkpoint import Pretrained
 
 
 @dataclass
@@ -52,6 +56,7 @@ class DiTConfig:
     self_condition: bool = False  # also sees its own previous estimate of the clean latents
     local_mixing: bool = False  # a depthwise 3x3 convolution over each step's token grid inside each MLP (SANA's Mix-FFN)
     distilled_guidance: tuple[float, float] | None = None  # guidance scales it takes as an input; None: two passes at sampling
+    layout_channels: int = 0  # heatmaps of object centres per token it takes as an input (data/layout.py); 0: none
 
     def __post_init__(self):
         self.patch = tuple(self.patch)
@@ -236,7 +241,10 @@ class DiTBlock(nn.Module):
 # The model
 
 
-class DiffusionTransformer(nn.Module):
+class DiffusionTransformer(Pretrained, nn.Module):
+    config_class = DiTConfig
+    kind = "generator"
+
     def __init__(self, cfg: DiTConfig = DiTConfig()):
         super().__init__()
         if cfg.patch[0] != 1:  # causal latents have 1 + k steps: the first frame stands alone
@@ -247,6 +255,8 @@ class DiffusionTransformer(nn.Module):
         self.patch_in = nn.Linear(patch_dim, d)
         self.canvas_in = nn.Linear(6 * cfg.canvas_frequencies + 1, d) if cfg.canvas_frequencies else None
         self.estimate_in = nn.Linear(patch_dim, d) if cfg.self_condition else None
+        # No bias, so that an all-zero layout (no object anywhere, or none given) adds nothing.
+        self.layout_in = nn.Linear(cfg.layout_channels, d, bias=False) if cfg.layout_channels else None
         self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.guidance_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d)) if cfg.distilled_guidance else None
         self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
@@ -262,7 +272,8 @@ class DiffusionTransformer(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         nn.init.normal_(self.null_text, std=0.02)
         for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
             nn.init.zeros_(block.adaLN.weight)
@@ -273,10 +284,11 @@ class DiffusionTransformer(nn.Module):
         nn.init.zeros_(self.patch_out.weight)
         nn.init.zeros_(self.patch_out.bias)
         guidance_out = self.guidance_mlp[-1] if self.guidance_mlp is not None else None
-        for extra_input in (self.canvas_in, self.estimate_in, guidance_out, *(block.local_mix for block in self.blocks)):
+        for extra_input in (self.canvas_in, self.estimate_in, self.layout_in, guidance_out, *(block.local_mix for block in self.blocks)):
             if extra_input is not None:  # start silent, so weights trained without them keep working
                 nn.init.zeros_(extra_input.weight)
-                nn.init.zeros_(extra_input.bias)
+                if extra_input.bias is not None:
+                    nn.init.zeros_(extra_input.bias)
 
     def check_latent_shape(self, t: int, h: int, w: int):
         pt, ph, pw = self.cfg.patch
@@ -300,13 +312,15 @@ class DiffusionTransformer(nn.Module):
         x = latents.reshape(b, c, grid[0], pt, grid[1], ph, grid[2], pw)
         return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, math.prod(grid), -1), grid
 
-    def forward(self, latents, t, text, text_mask, clean_estimate=None, guidance=None):
+    def forward(self, latents, t, text, text_mask, clean_estimate=None, guidance=None, layout=None):
         """latents (B, C, T, H, W), t (B,) in [0, 1], text (B, L, text_dim), text_mask (B, L) -> velocity like latents.
 
         clean_estimate (like latents): the model's previous prediction of the clean latents, for a
         self-conditioned model; None means no estimate yet (zeros). Other models refuse one.
         guidance (B,): the scale of classifier-free guidance a guidance-distilled model gives the
         velocity of; such a model needs it, others refuse it.
+        layout (B, N, layout_channels): heatmaps of the object centres at each token, for a model
+        that takes them; None means no layout (zeros), as with the empty prompt. Others refuse one.
         """
         b, c, lt, lh, lw = latents.shape
         pt, ph, pw = self.cfg.patch
@@ -317,6 +331,10 @@ class DiffusionTransformer(nn.Module):
             x = x + self.estimate_in(self.patchify(estimate.to(latents.dtype))[0])
         elif clean_estimate is not None:
             raise ValueError("this model was not trained with self-conditioning; it takes no clean estimate")
+        if layout is not None:
+            if self.layout_in is None:
+                raise ValueError("this model takes no layout; it was trained without layout_channels")
+            x = x + self.layout_in(layout.to(x.dtype))
         if self.canvas_in is not None:
             x = x + self.canvas_in(canvas_features(grid, self.cfg.canvas_frequencies, latents.device))
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
@@ -345,15 +363,3 @@ class DiffusionTransformer(nn.Module):
         null_mask = torch.zeros_like(text_mask)
         null_mask[:, 0] = True
         return torch.where(drop[:, None, None], null_text.to(text.dtype), text), torch.where(drop[:, None], null_mask, text_mask)
-
-    # -- weights --------------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path, metadata: dict | None = None):
-        save_checkpoint(directory, self, self.cfg, metadata)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "DiffusionTransformer":
-        cfg, state = load_checkpoint(directory, DiTConfig, "generator")
-        model = cls(cfg)
-        model.load_state_dict(state)
-        return model.eval()

@@ -7,7 +7,8 @@
 
 The prompt is encoded by the text encoder, noise in the autoencoder's latent space is carried to
 a clean latent by the diffusion transformer (rectified flow, classifier-free guidance), and the
-autoencoder decodes it to frames.
+autoencoder decodes it to frames. For a layout model, a layout planner first places the prompt's
+objects (pipelines/layout.py), and the transformer is shown where (data/layout.py).
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ import numpy as np
 import torch
 
 from kinetoscope.data.dataset import clip_to_tensor, tensor_to_clip
+from kinetoscope.data.layout import LAYOUT_CHANNELS, layout_maps
 from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, add_noise, predicted_clean
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer
+from kinetoscope.models.planner import LayoutPlanner
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
+from kinetoscope.pipelines.layout import check_planner, plan_objects
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "generator"
 MAX_PROMPT_CHARS = 1000
@@ -82,12 +86,21 @@ class GeneratedVideo:
     fps: float
     seed: int
     timings: dict = field(default_factory=dict)  # seconds spent in text, denoise, decode
+    plan: tuple | None = None  # a layout model's planned objects (data/world.py's ShapeObject), where it drew them
 
 
 class TextToVideo:
     def __init__(self, transformer: DiffusionTransformer, autoencoder: VideoAutoencoder, text_encoder: TextEncoder,
                  schedule: FlowSchedule = FlowSchedule(), fps: float = 8.0, device: str | torch.device = "cpu",
-                 sampling: SamplingSettings | None = None):
+                 sampling: SamplingSettings | None = None, planner: LayoutPlanner | None = None):
+        if transformer.cfg.layout_channels not in (0, LAYOUT_CHANNELS):
+            raise ValueError(f"the transformer takes {transformer.cfg.layout_channels} layout channels; this version draws {LAYOUT_CHANNELS}")
+        if bool(transformer.cfg.layout_channels) != (planner is not None):
+            raise ValueError("a layout model needs its layout planner (pipeline.json \"planner\")" if planner is None
+                             else "a layout planner serves only a transformer that takes a layout")
+        if planner is not None:
+            check_planner(planner)
+        self.planner = planner.to(device).eval() if planner is not None else None
         if transformer.cfg.latent_channels != autoencoder.cfg.latent_channels:
             raise ValueError(f"the transformer denoises {transformer.cfg.latent_channels} latent channels but the autoencoder "
                              f"makes {autoencoder.cfg.latent_channels}: name the transformer's own autoencoder in pipeline.json")
@@ -128,8 +141,9 @@ class TextToVideo:
         unknown = set(sampling or {}) - set(SamplingSettings.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{directory / 'pipeline.json'}: unknown sampling setting(s) {', '.join(sorted(unknown))}")
+        planner = LayoutPlanner.from_pretrained(directory / settings["planner"]) if "planner" in settings else None
         return cls(transformer, autoencoder, TextEncoder.load(device), schedule, float(fps), device,
-                   None if sampling is None else SamplingSettings(**sampling))
+                   None if sampling is None else SamplingSettings(**sampling), planner)
 
     def compile(self) -> "TextToVideo":
         """Run the transformer through torch.compile from now on: faster at every step once warm.
@@ -229,9 +243,14 @@ class TextToVideo:
         timings = {}
         start = self._clock()
         text, mask = (v.to(self.device) for v in self.text_encoder.encode([prompt]))
+        latent_shape = self.autoencoder.latent_shape(frames, height, width)
+        plan = layout = None
+        if self.planner is not None:
+            plan = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed))[0]
+            layout = layout_maps([plan], (width, height), frames, self.fps, self.transformer.token_grid(latent_shape)).to(self.device)
         if self.denoiser is not self.transformer:  # compiled graphs are specialised to one prompt length
             text, mask = pad_tokens(text, mask, COMPILED_TEXT_MULTIPLE)
-        timings["text"] = self._clock() - start
+        timings["text"] = self._clock() - start  # a layout model's planning included
 
         given = None
         if video is not None:
@@ -241,14 +260,13 @@ class TextToVideo:
             timings["encode"] = self._clock() - start
 
         start = self._clock()
-        latent_shape = self.autoencoder.latent_shape(frames, height, width)
         try:
-            latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step, given, strength)
+            latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step, given, strength, layout)
         except self._compile_errors as error:
             self.compile_failure = (str(error.inner_exception).strip().splitlines() or [type(error.inner_exception).__name__])[0]
             warnings.warn(f"torch.compile failed ({self.compile_failure}); generating without it")
             self.denoiser, self._compile_errors = self.transformer, ()
-            latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step, given, strength)
+            latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step, given, strength, layout)
         timings["denoise"] = self._clock() - start
 
         start = self._clock()
@@ -256,19 +274,20 @@ class TextToVideo:
             video = self.autoencoder.decode(latents)
         frames_out = tensor_to_clip(video[0])
         timings["decode"] = self._clock() - start
-        return GeneratedVideo(frames_out, self.fps, seed, timings)
+        return GeneratedVideo(frames_out, self.fps, seed, timings, plan)
 
     def denoise(self, text, mask, latent_shape, steps: int, guidance: float, seed: int, sampler: str, on_step=None,
-                given: torch.Tensor | None = None, strength: float = 1.0):
+                given: torch.Tensor | None = None, strength: float = 1.0, layout: torch.Tensor | None = None):
         """Seeded noise (1, *latent_shape) carried to clean latents by the sampler; with `given`
-        latents, the sampler starts from them noised to `strength` of its path."""
+        latents, the sampler starts from them noised to `strength` of its path. A layout model is
+        shown `layout` (1, N, channels)."""
         generator = torch.Generator("cpu").manual_seed(seed)
 
         def draw_noise(shape):
             return self.schedule.noise(shape, generator)
 
         noise = draw_noise((1, *latent_shape)).to(self.device)
-        velocity = self.guided_velocity(text, mask, guidance)
+        velocity = self.guided_velocity(text, mask, guidance, layout=layout)
         times = self.schedule.sampling_times(steps, self.transformer.token_count(latent_shape), self.device, strength)
         start = noise if given is None else add_noise(given, noise, times[:1])
         with autocast_for(self.device):  # one context for every step, so the weights are cast to the compute dtype once
@@ -280,9 +299,10 @@ class TextToVideo:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def guided_velocity(self, text, mask, guidance: float, model=None):
+    def guided_velocity(self, text, mask, guidance: float, model=None, layout=None):
         """Classifier-free guidance: v = v_uncond + g (v_cond - v_uncond), both in one batch; a
-        guidance-distilled transformer gives that in one pass, from the prompt and g alone.
+        guidance-distilled transformer gives that in one pass, from the prompt and g alone. A layout
+        model's conditional pass is shown the `layout`, its unconditional one none.
 
         A self-conditioned transformer also gets the clean latents implied by the previous call's
         guided velocity (none at the first), the estimate it was trained to refine. `model` replaces
@@ -297,6 +317,7 @@ class TextToVideo:
                 text.expand(2, -1, -1), mask.expand(2, -1), torch.tensor([False, True], device=self.device)
             )
         copies = both_text.shape[0]
+        both_layout = None if layout is None else torch.cat([layout, torch.zeros_like(layout)])[:copies]
         self_conditioned = self.transformer.cfg.self_condition
         estimate = None
 
@@ -304,7 +325,8 @@ class TextToVideo:
             nonlocal estimate
             previous = estimate.expand(copies, -1, -1, -1, -1) if estimate is not None else None
             with autocast_for(self.device):
-                v = model(x.expand(copies, -1, -1, -1, -1), t.expand(copies), both_text, both_mask, previous, distilled).float()
+                v = model(x.expand(copies, -1, -1, -1, -1), t.expand(copies), both_text, both_mask, previous, distilled,
+                          layout=both_layout).float()
             if copies == 2:
                 conditional, unconditional = v.chunk(2)
                 v = unconditional + guidance * (conditional - unconditional)

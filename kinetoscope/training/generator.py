@@ -15,6 +15,11 @@ without the prompt), so it samples in one pass per step. Caption dropout plays n
 `[train] layout_loss = W` (with `layout_block = K`) adds layout supervision (training/layout.py):
 a probe on the tokens after block K learns to tell where each object's centre is, weighted W
 against the velocity loss.
+
+A layout model (`[model] overrides = { layout_channels = 11 }`) takes the heatmaps of each clip's
+true object centres (data/layout.py) as an input, dropped with the caption; `[model] planner` names
+the layout planner (training/planner.py) that writes them at sampling, for the samples here and in
+the export, which carries a copy of it.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from kinetoscope.models.text_encoder import TextEncoder
 from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, check_train_settings,
                                          check_buckets, learning_rate, load_recipe, replace_folder,
                                          recipe_dataset, reuse_setting, run_progress)
-from kinetoscope.training.layout import HiddenTokens, LayoutProbe, layout_loss, layout_targets
+from kinetoscope.data.layout import LAYOUT_CHANNELS, layout_maps, scene_objects
+from kinetoscope.models.planner import LayoutPlanner
+from kinetoscope.training.layout import HiddenTokens, LayoutProbe, layout_loss
 
 REQUIRED = {
     "model": ("size",),
@@ -52,7 +59,7 @@ REQUIRED = {
     "eval": ("prompts", "steps", "guidance"),
 }
 KNOWN = {
-    "model": ("size", "init", "overrides"),
+    "model": ("size", "init", "overrides", "planner"),
     "schedule": tuple(f.name for f in fields(FlowSchedule)),
     "data": (*DATA_KEYS, "autoencoder", "bucket_weights", "max_batch_size"),
     "train": (*REQUIRED["train"], "minutes", "reuse", "times", "layout_loss", "layout_block"),
@@ -103,9 +110,10 @@ class LatentBatches:
 
 
 def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_dropout: float, generator=None,
-                   window: tuple[float, float] | None = None):
+                   window: tuple[float, float] | None = None, layout: torch.Tensor | None = None):
     """Velocity MSE per sample (B,), and the times it was drawn at: logit-normal, or uniform over
-    `window` of the sampler's path (a model trained for one stretch of sampling, e.g. high noise)."""
+    `window` of the sampler's path (a model trained for one stretch of sampling, e.g. high noise).
+    A layout model's `layout` (B, N, channels) goes where the caption goes: dropped with it."""
     b = latents.shape[0]
     tokens = unwrap(model).token_count(latents.shape)
     if window is None:
@@ -115,9 +123,11 @@ def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_d
     noise = schedule.noise(latents.shape, generator).to(latents.device)
     drop = (torch.rand(b, generator=generator) < caption_dropout).to(latents.device)
     text, mask = unwrap(model).drop_text(text, mask, drop)
+    if layout is not None:
+        layout = layout.masked_fill(drop[:, None, None], 0.0)
     noisy = add_noise(latents, noise, t)
     with autocast_for(latents.device):
-        prediction = model(noisy, t, text, mask, own_estimate(model, noisy, t, text, mask, generator))
+        prediction = model(noisy, t, text, mask, own_estimate(model, noisy, t, text, mask, generator, layout), layout=layout)
     per_sample = F.mse_loss(prediction.float(), velocity_target(latents, noise), reduction="none").flatten(1).mean(1)
     return per_sample, t
 
@@ -186,19 +196,19 @@ def load_teacher(settings: dict, device) -> tuple[DiffusionTransformer, tuple[fl
     return teacher.to(device).requires_grad_(False), (float(guidance[0]), float(guidance[1]))
 
 
-def own_estimate(model, noisy, t, text, mask, generator=None):
+def own_estimate(model, noisy, t, text, mask, generator=None, layout=None):
     """For a self-conditioned model, half of the steps first let it predict the clean latents
     without gradients and train it to refine that estimate; the other half train it from none,
     as at the first sampling step. Costs about a sixth more per step on average."""
     if not unwrap(model).cfg.self_condition or torch.rand(1, generator=generator).item() >= SELF_CONDITION_SHARE:
         return None
     with torch.no_grad():
-        return predicted_clean(noisy, unwrap(model)(noisy, t, text, mask).float(), t)
+        return predicted_clean(noisy, unwrap(model)(noisy, t, text, mask, layout=layout).float(), t)
 
 
 def start_from(model: DiffusionTransformer, directory: str):
     """Load exported weights into `model`, which may be deeper, add canvas positions, add
-    self-conditioning, add local mixing or take a distilled guidance scale: new blocks are appended
+    self-conditioning, add local mixing, take a distilled guidance scale or a layout: new blocks are appended
     and, like the new inputs and convolutions, start silent (adaLN-Zero, zero weights), so training
     continues from the same predictions."""
     try:
@@ -207,14 +217,35 @@ def start_from(model: DiffusionTransformer, directory: str):
         raise RecipeError(f"[model] init: {error}") from None
     growable = {"depth": model.cfg.depth, "canvas_frequencies": model.cfg.canvas_frequencies,
                 "self_condition": model.cfg.self_condition, "local_mixing": model.cfg.local_mixing,
-                "distilled_guidance": model.cfg.distilled_guidance}
+                "distilled_guidance": model.cfg.distilled_guidance, "layout_channels": model.cfg.layout_channels}
     grows = (model.cfg.depth >= start.cfg.depth and start.cfg.canvas_frequencies in (0, model.cfg.canvas_frequencies)
              and start.cfg.self_condition <= model.cfg.self_condition and start.cfg.local_mixing <= model.cfg.local_mixing
-             and start.cfg.distilled_guidance in (None, model.cfg.distilled_guidance))
+             and start.cfg.distilled_guidance in (None, model.cfg.distilled_guidance)
+             and start.cfg.layout_channels in (0, model.cfg.layout_channels))
     if replace(start.cfg, **growable) != model.cfg or not grows:
         raise RecipeError(f"[model] init {directory} is a {start.cfg}; the recipe's {model.cfg} can only add blocks, "
-                          "canvas positions, self-conditioning, local mixing or a guidance input")
+                          "canvas positions, self-conditioning, local mixing, a guidance input or a layout input")
     model.load_state_dict(start.float().state_dict(), strict=False)
+
+
+def load_planner(settings: dict, layout_channels: int) -> LayoutPlanner | None:
+    """[model] planner, the layout planner of a layout model (and only of one), checked."""
+    from kinetoscope.pipelines.layout import check_planner
+
+    if not layout_channels:
+        if "planner" in settings:
+            raise RecipeError("[model] planner writes the layout of a layout model; this one has no layout_channels")
+        return None
+    if layout_channels != LAYOUT_CHANNELS:
+        raise RecipeError(f"[model] overrides layout_channels must be {LAYOUT_CHANNELS} (a shape and a colour heatmap each), not {layout_channels}")
+    if "planner" not in settings:
+        raise RecipeError("[model] planner must name the layout planner a layout model samples with (kinetoscope planner train)")
+    try:
+        planner = LayoutPlanner.from_pretrained(settings["planner"])
+        check_planner(planner)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise RecipeError(f"[model] planner: {error}") from None
+    return planner
 
 
 def check_eval_settings(settings: dict, guidance_range: tuple[float, float] | None = None):
@@ -288,8 +319,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     except (TypeError, ValueError) as error:
         raise RecipeError(f"[model]: {error}") from None
     layout = layout_setting(settings, model.cfg.depth)
-    if layout is not None and teacher is not None:
-        raise RecipeError("[train] layout_loss trains a model from data, not a guidance-distilled student")
+    if teacher is not None and (layout is not None or model.cfg.layout_channels):
+        raise RecipeError("[train] layout_loss and layout models train from data, not as a guidance-distilled student")
+    planner = load_planner(recipe["model"], model.cfg.layout_channels)
     run = RunDirectory(output or settings["output"])  # only once the recipe is known to describe a run
     ema = copy.deepcopy(model).requires_grad_(False)
     probe = LayoutProbe(model.cfg.dim).to(device) if layout else None
@@ -336,9 +368,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         latents, text, mask = to_latents(batch)
         bucket = batch["bucket"]
         targets = None
-        if probe is not None:
-            targets = layout_targets(batch["scene"], (bucket.width, bucket.height), bucket.frames, recipe["data"]["fps"],
-                                     unwrap(model).token_grid(latents.shape)).to(device)
+        if probe is not None or planner is not None:
+            targets = layout_maps(scene_objects(batch["scene"]), (bucket.width, bucket.height), bucket.frames, recipe["data"]["fps"],
+                                  unwrap(model).token_grid(latents.shape)).to(device)
         return latents, text, mask, targets, bucket
 
     pool = BatchPool(encoded_batch, reuse, seed=process_seed)
@@ -359,7 +391,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         if teacher is not None:
             per_sample, t = distillation_loss(model, teacher, latents, text, mask, schedule, guidance_range, window=window)
         else:
-            per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"], window=window)
+            per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"], window=window,
+                                           layout=targets if planner is not None else None)
         loss = per_sample.mean()
         probe_loss = layout_loss(probe, hidden, targets).mean() if probe is not None else None
         optimizer.zero_grad(set_to_none=True)
@@ -387,7 +420,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
                 values.clear()
             run.log(record)
         if main_process and (step % settings["eval_every"] == 0):
-            evaluate(ema, autoencoder, to_latents.text_encoder, schedule, recipe, run, step, device)
+            evaluate(ema, autoencoder, to_latents.text_encoder, schedule, recipe, run, step, device, planner)
         if time.monotonic() - last_checkpoint > settings["checkpoint_minutes"] * 60:
             checkpoint()
             last_checkpoint = time.monotonic()
@@ -398,18 +431,18 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     if not main_process:
         return None
     if step % settings["eval_every"]:  # the last step's evaluation, unless the loop just made it
-        evaluate(ema, autoencoder, to_latents.text_encoder, schedule, recipe, run, step, device)
+        evaluate(ema, autoencoder, to_latents.text_encoder, schedule, recipe, run, step, device, planner)
     return export(ema, recipe, run, step, clock.elapsed, device)
 
 
 @torch.no_grad()
-def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory, step: int, device):
-    """Generate the recipe's sample prompts with the EMA weights, judge them, save a contact sheet."""
+def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory, step: int, device, planner=None):
+    """Generate the recipe's sample prompts with the EMA weights (and a layout model's planner), judge them, save a contact sheet."""
     from kinetoscope.eval.judge import judge
     from kinetoscope.media.frames import save_contact_sheet
     from kinetoscope.pipelines.text_to_video import TextToVideo
 
-    pipe = TextToVideo(ema, autoencoder, text_encoder, schedule, recipe["data"]["fps"], device, sample_settings(recipe))
+    pipe = TextToVideo(ema, autoencoder, text_encoder, schedule, recipe["data"]["fps"], device, sample_settings(recipe), planner)
     clips, labels, passed = [], [], 0
     for i, prompt in enumerate(recipe["eval"]["prompts"]):
         video = pipe(prompt, seed=i)
@@ -442,6 +475,9 @@ def export(ema, recipe: dict, run: RunDirectory, step: int, elapsed: float, devi
         shutil.copytree(recipe["data"].get("autoencoder") or default_weights_dir(), folder / "autoencoder")
         settings = {"fps": recipe["data"]["fps"], "schedule": recipe.get("schedule", {}), "autoencoder": "autoencoder",
                     "sampling": asdict(sample_settings(recipe))}
+        if ema.cfg.layout_channels:  # its planner travels with it, as its autoencoder does
+            shutil.copytree(recipe["model"]["planner"], folder / "planner")
+            settings["planner"] = "planner"
         (folder / "pipeline.json").write_text(json.dumps(settings, indent=2) + "\n")
 
     final = replace_folder(run.root / "final", write)

@@ -1,0 +1,45 @@
+"""`kinetoscope planner train|eval`: the layout planner of a layout model."""
+
+from __future__ import annotations
+
+from kinetoscope.cli import common
+
+
+def register(subparsers):
+    planner = subparsers.add_parser("planner", help="train and evaluate the layout planner (prompt -> the scene's objects)")
+    planner_commands = planner.add_subparsers(dest="planner_command", required=True, parser_class=common.ErrorExitParser)
+    common.add_train_command(planner_commands, "configs/planner.toml", run_train)
+    evaluate = planner_commands.add_parser(
+        "eval", help="plan held-out prompts, render each plan with Shapes World itself and judge it: "
+                     "what a layout model could reach if its denoiser painted every plan perfectly")
+    evaluate.add_argument("--weights", required=True, help="planner folder (config.json + model.safetensors), or a layout model's")
+    evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
+    evaluate.add_argument("--prompt-seed", type=common.seed, default=777, help="which seeded sample of held-out prompts (default 777)")
+    evaluate.add_argument("--report", help="also write the results as JSON here")
+    evaluate.set_defaults(handler=run_eval)
+
+
+def run_train(args) -> int:
+    from kinetoscope.training.planner import train
+
+    return common.run_training(train, args)
+
+
+def run_eval(args) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from kinetoscope.cli.generate import print_results, write_report
+    from kinetoscope.eval.generation import NOISE_SEEDS, TIERS, evaluate_generator
+    from kinetoscope.pipelines.layout import PlannedScenes
+
+    report = common.check_writable_file(args.report, "--report") if args.report else None
+    folder = Path(args.weights)
+    planned = common.load_weights(PlannedScenes.load, str(folder / "planner" if (folder / "planner").is_dir() else folder))
+    with tqdm(total=args.per_tier * len(TIERS), desc="held-out plans", unit="plan") as bar:
+        result = evaluate_generator(planned, args.per_tier, progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
+    print_results(result)
+    if report is not None:
+        write_report(report, {"prompt_seed": args.prompt_seed, "noise_seeds": NOISE_SEEDS, "planner": str(folder)}, result)
+    return 0

@@ -1,0 +1,114 @@
+"""A scene's layout in the two forms the generator uses: heatmaps on a token grid, and object slots.
+
+Heatmaps (`layout_maps`): for every token of a clip's (T, H, W) grid, how near it is to the centre
+of each object, one channel per shape and one per colour, at the time each latent step shows (a
+centre is a Gaussian as wide as a quarter of its object, so its spread also says how big the object
+is). Layout supervision trains a probe to predict them from the transformer's tokens; a model with
+`layout_channels` takes them as an input, so that where each object is has been decided before the
+denoiser paints it.
+
+Slots (`scene_to_slots`, `slots_to_objects`): the objects of a scene as a (MAX_OBJECTS, SLOT_FEATURES)
+array a layout planner can generate, one row per object in any order: whether the slot holds an
+object, one-hot colour, shape, size, motion and speed (as -1/+1), and the start centre (as -1..1 of
+the canvas). Rows beyond the scene's objects say "none" and are zero elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from kinetoscope.data import world
+
+LAYOUT_CHANNELS = len(world.SHAPES) + len(world.COLORS)
+MIN_SPREAD = 0.5  # tokens: the narrowest centre Gaussian, so a small object between tokens still lights them
+MAX_OBJECTS = world.SceneConstraints().max_objects
+SLOT_GROUPS = {  # name -> the choices its one-hot columns stand for, in column order
+    "color": tuple(world.COLORS),
+    "shape": world.SHAPES,
+    "size": tuple(world.SIZES),
+    "motion": world.MOTIONS,
+    "speed": tuple(world.SPEEDS),
+}
+SLOT_FEATURES = 1 + sum(len(choices) for choices in SLOT_GROUPS.values()) + 2  # present, one-hots, start (x, y)
+
+
+def latent_step_times(frames: int, steps: int, fps: float) -> np.ndarray:
+    """(steps,) the time each latent step shows: the causal autoencoder encodes the first frame
+    alone and each later step from the frames since the previous one; a step stands for their mean."""
+    if steps == 1:
+        return np.zeros(1)
+    per_step = (frames - 1) // (steps - 1)
+    last_frames = np.arange(1, steps) * per_step
+    return np.concatenate([[0.0], (last_frames - (per_step - 1) / 2) / fps])
+
+
+def layout_maps(clips: Sequence[Sequence[world.ShapeObject]], size: tuple[int, int], frames: int, fps: float,
+                grid: tuple[int, int, int]) -> torch.Tensor:
+    """(B, N, LAYOUT_CHANNELS) heatmaps of the centres of each clip's objects on the (T, H, W) token
+    grid of clips of `size` (width, height) pixels and `frames` frames, tokens in row-major order like
+    the transformer's."""
+    t_steps, rows, cols = grid
+    width, height = size
+    canvas = world.canvas_units(width, height)
+    times = latent_step_times(frames, t_steps, fps)
+    duration = (frames - 1) / fps
+    tokens_per_unit = min(width, height) * cols / width  # tokens along one short-side unit
+    row_centres = (np.arange(rows) + 0.5)[None, :, None]
+    col_centres = (np.arange(cols) + 0.5)[None, None, :]
+    maps = np.zeros((len(clips), LAYOUT_CHANNELS, t_steps, rows, cols), dtype=np.float32)
+    for index, objects in enumerate(clips):
+        for obj in objects:
+            x, y, object_width, _ = world.trajectory(obj, canvas, times, duration)
+            centre_col = (x / canvas[0] * cols)[:, None, None]
+            centre_row = (y / canvas[1] * rows)[:, None, None]
+            spread = np.maximum(object_width * tokens_per_unit / 4, MIN_SPREAD)[:, None, None]
+            heat = np.exp(-((col_centres - centre_col) ** 2 + (row_centres - centre_row) ** 2) / (2 * spread ** 2))
+            for channel in (world.SHAPES.index(obj.shape), len(world.SHAPES) + list(world.COLORS).index(obj.color)):
+                np.maximum(maps[index, channel], heat, out=maps[index, channel])
+    return torch.from_numpy(maps).flatten(2).transpose(1, 2)
+
+
+def scene_objects(scenes: Sequence[dict]) -> list[tuple[world.ShapeObject, ...]]:
+    """The objects of scenes given as dicts (a dataset batch's "scene")."""
+    return [world.Scene.from_dict(scene).objects for scene in scenes]
+
+
+def scene_to_slots(objects: Sequence[world.ShapeObject]) -> np.ndarray:
+    """(MAX_OBJECTS, SLOT_FEATURES) float32: one row per object, in the order given, then empty rows."""
+    if len(objects) > MAX_OBJECTS:
+        raise ValueError(f"a scene holds at most {MAX_OBJECTS} objects, not {len(objects)}")
+    slots = np.zeros((MAX_OBJECTS, SLOT_FEATURES), dtype=np.float32)
+    slots[:, 0] = -1.0
+    for row, obj in enumerate(objects):
+        slots[row, 0] = 1.0
+        column = 1
+        for name, choices in SLOT_GROUPS.items():
+            value = getattr(obj, name)
+            slots[row, column:column + len(choices)] = [1.0 if value == choice else -1.0 for choice in choices]
+            column += len(choices)
+        slots[row, column:] = 2 * np.asarray(obj.start, dtype=np.float32) - 1
+    return slots
+
+
+def slots_to_objects(slots: np.ndarray) -> tuple[world.ShapeObject, ...]:
+    """The objects of (MAX_OBJECTS, SLOT_FEATURES) slots as a planner generated them: each slot whose
+    first feature is positive, with the likeliest of each choice, its start kept on the canvas. A
+    circle never spins and only moves left, right, up or down at a speed, as in the world."""
+    objects = []
+    for row in np.asarray(slots, dtype=np.float32):
+        if row[0] <= 0:
+            continue
+        chosen, column = {}, 1
+        for name, choices in SLOT_GROUPS.items():
+            scores = row[column:column + len(choices)]
+            if name == "motion" and chosen["shape"] == "circle":
+                scores = np.where(np.asarray(choices) == "spin", -np.inf, scores)
+            chosen[name] = choices[int(np.argmax(scores))]
+            column += len(choices)
+        speed = chosen["speed"] if chosen["motion"] in world.LINEAR_MOTIONS else None
+        start = tuple(float(v) for v in np.clip((row[column:column + 2] + 1) / 2, 0.0, 1.0))
+        objects.append(world.ShapeObject(chosen["color"], chosen["shape"], chosen["size"], chosen["motion"], speed, start))
+    return tuple(objects)

@@ -1,0 +1,86 @@
+"""Layout planner: a small rectified-flow transformer that turns a prompt into its scene's objects.
+
+A layout model's denoiser (models/dit.py, `layout_channels`) paints objects where a layout tells it
+to. The planner writes that layout: it generates a set of object slots (data/layout.py: whether the
+slot holds an object, its colour, shape, size, motion, speed and start), conditioned on the text
+tokens and on the canvas (aspect ratio and duration decide where a moving object must start to stay
+in view). Generating rather than regressing the slots matters: two objects without a stated
+relation may be anywhere, and an average of their places would stack them in the middle.
+
+The slots are a set: no position embedding tells them apart, so their order means nothing and the
+noise they start from is what makes each slot a different object. Each block is the denoiser's
+(DiTBlock: adaLN-Zero from the timestep, pooled prompt and canvas; self-attention among the slots;
+cross-attention to the text), with rotary positions that do not turn (every slot at position 0).
+
+Shapes: slots (B, S, F); text (B, L, D_text) with mask (B, L); canvas (B, 2); tokens (B, S, D).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kinetoscope.models.checkpoint import Pretrained
+from kinetoscope.models.dit import DiTBlock, DiTConfig, modulate, timestep_embedding
+
+
+@dataclass
+class PlannerConfig:
+    slots: int = 3  # the most objects a scene holds
+    features: int = 28  # per slot (data/layout.py's SLOT_FEATURES)
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 384
+
+    def block_config(self) -> DiTConfig:
+        return DiTConfig(dim=self.dim, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio, text_dim=self.text_dim)
+
+
+def canvas_condition(width: int, height: int, seconds: float) -> torch.Tensor:
+    """(2,) what the planner knows of the canvas: the log of its aspect ratio (W/H) and the clip's length in seconds."""
+    return torch.tensor([math.log(width / height), seconds], dtype=torch.float32)
+
+
+class LayoutPlanner(Pretrained, nn.Module):
+    config_class = PlannerConfig
+    kind = "layout planner"
+
+    def __init__(self, cfg: PlannerConfig = PlannerConfig()):
+        super().__init__()
+        self.cfg = cfg
+        block_cfg = cfg.block_config()  # also checks that the head size suits the attention
+        d = cfg.dim
+        self.slots_in = nn.Linear(cfg.features, d)
+        self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.canvas_mlp = nn.Sequential(nn.Linear(2, d), nn.SiLU(), nn.Linear(d, d))
+        self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
+        self.text_pool = nn.Linear(cfg.text_dim, d)
+        self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.adaLN_out = nn.Linear(d, 2 * d)
+        self.slots_out = nn.Linear(d, cfg.features)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for layer in (*(block.adaLN for block in self.blocks), *(block.cross.proj for block in self.blocks), self.adaLN_out, self.slots_out):
+            nn.init.zeros_(layer.weight)  # adaLN-Zero, as the denoiser
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, slots, t, text, text_mask, canvas):
+        """slots (B, S, F) noised to t (B,) in [0, 1], text (B, L, text_dim), text_mask (B, L), canvas (B, 2) -> velocity (B, S, F)."""
+        x = self.slots_in(slots)
+        pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
+        cond = self.time_mlp(timestep_embedding(t, 256)) + self.text_pool(pooled) + self.canvas_mlp(canvas)  # (B, D)
+        context = self.text_in(text)
+        still = torch.ones(slots.shape[1], self.cfg.dim // self.cfg.heads // 2, dtype=torch.complex64, device=slots.device)
+        for block in self.blocks:
+            x = block(x, cond, context, text_mask, still, (1, 1, slots.shape[1]))
+        shift, scale = self.adaLN_out(F.silu(cond)).chunk(2, dim=-1)
+        return self.slots_out(modulate(self.norm_out(x), shift, scale))

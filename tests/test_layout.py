@@ -1,0 +1,229 @@
+"""Layout models: object slots, the layout planner, its training and evaluation, and a denoiser shown a layout."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kinetoscope.cli import main
+from kinetoscope.data import captions, world
+from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, scene_to_slots, slots_to_objects
+from kinetoscope.models.dit import DiffusionTransformer, config_for
+from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, canvas_condition
+from kinetoscope.pipelines.text_to_video import TextToVideo
+from kinetoscope.training.common import RecipeError
+from kinetoscope.training.planner import planner_loss, train as train_planner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_training import TINY_RECIPE  # noqa: E402
+
+TINY_PLANNER = PlannerConfig(dim=32, depth=1, heads=2)
+PLANNER_RECIPE = """
+[model]
+dim = 32
+depth = 1
+heads = 2
+
+[data]
+buckets = ["64x64x17", "96x64x1"]
+fps = 8.0
+batch_size = 8
+seed = 5
+
+[train]
+steps = 3
+lr = 1e-3
+warmup = 1
+weight_decay = 0.0
+grad_clip = 1.0
+ema_decay = 0.9
+reuse = 1
+seed = 0
+log_every = 1
+eval_every = 1000
+checkpoint_minutes = 100
+output = "unused"
+
+[eval]
+per_tier = 2
+"""
+
+
+def test_slots_hold_every_object_exactly_and_read_back_in_any_order():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        scene = world.sample_scene(rng, 1.5, 2.0)
+        slots = scene_to_slots(scene.objects)
+        assert slots.shape == (MAX_OBJECTS, SLOT_FEATURES)
+        assert (slots[:, 0] > 0).sum() == len(scene.objects)
+        objects = slots_to_objects(slots[rng.permutation(MAX_OBJECTS)])
+        key = lambda o: (o.color, o.start)  # noqa: E731
+        assert [(o.color, o.shape, o.size, o.motion, o.speed) for o in sorted(objects, key=key)] == \
+            [(o.color, o.shape, o.size, o.motion, o.speed) for o in sorted(scene.objects, key=key)]
+        for read, true in zip(sorted(objects, key=key), sorted(scene.objects, key=key)):
+            assert read.start == pytest.approx(true.start, abs=1e-6)
+    with pytest.raises(ValueError, match="at most 3 objects"):
+        scene_to_slots(scene.objects * 4)
+
+
+def test_slots_read_as_the_world_allows():
+    circle = world.ShapeObject("red", "circle", "small", "spin", None, (0.5, 0.5))  # no circle spins
+    slots = scene_to_slots([circle])
+    spin = 1 + 8 + 3 + 3 + world.MOTIONS.index("spin")
+    slots[0, spin], slots[0, 1 + 8 + 3 + 3 + world.MOTIONS.index("left")] = 1.0, 0.5
+    slots[0, -2:] = [1.7, -3.0]  # a start off the canvas is brought back onto it
+    (read,) = slots_to_objects(slots)
+    assert read.motion == "left" and read.speed in world.SPEEDS and read.start == (1.0, 0.0)
+    still = scene_to_slots([world.ShapeObject("red", "square", "small", "grow", None, (0.5, 0.5))])
+    still[0, -4:-2] = [1.0, -1.0]  # a speed means nothing to an object that does not travel
+    assert slots_to_objects(still)[0].speed is None
+
+
+def test_the_planner_treats_its_slots_as_a_set():
+    torch.manual_seed(0)
+    planner = LayoutPlanner(TINY_PLANNER)
+    for parameter in planner.parameters():  # past adaLN-Zero's silent start
+        torch.nn.init.normal_(parameter, std=0.2)
+    slots, text = torch.randn(2, 3, SLOT_FEATURES), torch.randn(2, 5, 384)
+    mask, canvas = torch.ones(2, 5, dtype=torch.bool), torch.stack([canvas_condition(64, 64, 2.0), canvas_condition(96, 64, 0.0)])
+    t = torch.tensor([0.3, 0.8])
+    out = planner(slots, t, text, mask, canvas)
+    assert out.shape == slots.shape
+    order = torch.tensor([2, 0, 1])
+    assert torch.allclose(planner(slots[:, order], t, text, mask, canvas), out[:, order], atol=1e-5)
+    assert not torch.allclose(planner(slots, t, text, mask, canvas.flip(0)), out)  # the canvas matters
+
+
+def test_planner_steps_lower_its_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    planner = LayoutPlanner(TINY_PLANNER)
+    rng = np.random.default_rng(1)
+    slots = torch.from_numpy(np.stack([scene_to_slots(world.sample_scene(rng).objects) for _ in range(16)]))
+    text, mask = torch.randn(16, 6, 384), torch.ones(16, 6, dtype=torch.bool)
+    canvas = canvas_condition(64, 64, 2.0).expand(16, -1)
+    optimizer = torch.optim.Adam(planner.parameters(), lr=3e-3)
+
+    def loss():
+        return planner_loss(planner, slots, text, mask, canvas, torch.Generator().manual_seed(7))
+
+    before = loss().item()
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert loss().item() < 0.6 * before
+
+
+def test_planner_training_resumes_exports_and_is_scored_by_the_judge(tmp_path, capsys):
+    recipe = tmp_path / "planner.toml"
+    recipe.write_text(PLANNER_RECIPE)
+    output = tmp_path / "run"
+    final = train_planner(str(recipe), output=str(output))
+    assert LayoutPlanner.from_pretrained(final).cfg.dim == 32
+    assert json.loads((final / "config.json").read_text())["trained_steps"] == 3
+    records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert "eval_fully_right unseen phrasings" in records[-1] and (output / "loss.png").is_file()
+    train_planner(str(recipe), output=str(output), steps=5)  # resumes at 3
+    assert json.loads((output / "final" / "config.json").read_text())["trained_steps"] == 5
+    with pytest.raises(RecipeError, match="different recipe"):
+        recipe.write_text(PLANNER_RECIPE.replace("lr = 1e-3", "lr = 2e-3"))
+        train_planner(str(recipe), output=str(output), steps=6)
+    recipe.write_text(PLANNER_RECIPE.replace("batch_size = 8", "batch_size = 0"))
+    with pytest.raises(RecipeError, match="batch_size"):
+        train_planner(str(recipe), output=str(tmp_path / "other"))
+
+    report = tmp_path / "plans.json"
+    assert main(["planner", "eval", "--weights", str(final), "--per-tier", "3", "--report", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert {tier: scores["prompts"] for tier, scores in result["tiers"].items()} == {"unseen combinations": 3, "unseen phrasings": 3}
+    assert "prompts fully right" in capsys.readouterr().out
+    assert main(["planner", "eval", "--weights", str(tmp_path / "nowhere")]) == 2
+    assert "no layout planner checkpoint" in capsys.readouterr().err
+
+
+def test_a_layout_input_starts_silent_and_only_a_layout_model_takes_one():
+    torch.manual_seed(0)
+    model = DiffusionTransformer(config_for("tiny", depth=1, latent_channels=4, layout_channels=11)).eval()
+    latents, t = torch.randn(1, 4, 2, 4, 4), torch.tensor([0.5])
+    text, mask = torch.randn(1, 3, 384), torch.ones(1, 3, dtype=torch.bool)
+    layout = torch.rand(1, model.token_count(latents.shape), 11)
+    for parameter in model.parameters():  # past adaLN-Zero's silent start
+        if parameter is not model.layout_in.weight:
+            torch.nn.init.normal_(parameter, std=0.1)
+    plain = model(latents, t, text, mask)
+    assert torch.equal(model(latents, t, text, mask, layout=layout), plain)  # silent until trained
+    assert torch.equal(model(latents, t, text, mask, layout=torch.zeros_like(layout)), plain)  # no bias: zeros are no layout
+    torch.nn.init.normal_(model.layout_in.weight, std=0.1)
+    assert not torch.allclose(model(latents, t, text, mask, layout=layout), plain)
+    other = DiffusionTransformer(config_for("tiny", depth=1, latent_channels=4))
+    with pytest.raises(ValueError, match="takes no layout"):
+        other(latents, t, text, mask, layout=layout)
+
+
+def layout_recipe(tmp_path, planner_dir, overrides="depth = 1, layout_channels = 11") -> Path:
+    recipe = tmp_path / "layout.toml"
+    recipe.write_text(TINY_RECIPE.replace("overrides = { depth = 1 }", f"overrides = {{ {overrides} }}\nplanner = \"{planner_dir}\""))
+    return recipe
+
+
+def test_a_layout_model_trains_on_true_layouts_and_samples_its_planners(tmp_path):
+    torch.manual_seed(0)
+    planner_dir = tmp_path / "planner"
+    LayoutPlanner(TINY_PLANNER).save_pretrained(planner_dir)
+    final = train_generator_run(layout_recipe(tmp_path, planner_dir), tmp_path / "run")
+    assert json.loads((final / "pipeline.json").read_text())["planner"] == "planner"
+    assert LayoutPlanner.from_pretrained(final / "planner").cfg.dim == 32
+    pipe = TextToVideo.load(final)
+    first = pipe("two small yellow squares slide up quickly", width=32, height=32, frames=5, steps=2, seed=4)
+    again = pipe("two small yellow squares slide up quickly", width=32, height=32, frames=5, steps=2, seed=4)
+    assert first.frames.shape == (5, 32, 32, 3) and np.array_equal(first.frames, again.frames)
+    assert first.plan == again.plan and all(isinstance(obj, world.ShapeObject) for obj in first.plan)
+    with pytest.raises(ValueError, match="needs its layout planner"):
+        TextToVideo(pipe.transformer, pipe.autoencoder, pipe.text_encoder)
+    plain = DiffusionTransformer(config_for("tiny", depth=1, latent_channels=pipe.autoencoder.cfg.latent_channels))
+    with pytest.raises(ValueError, match="serves only a transformer that takes a layout"):
+        TextToVideo(plain, pipe.autoencoder, pipe.text_encoder, planner=pipe.planner)
+
+
+def train_generator_run(recipe: Path, output: Path) -> Path:
+    from kinetoscope.training.generator import train
+
+    return train(str(recipe), output=str(output))
+
+
+def test_layout_model_recipes_name_a_planner_that_fits(tmp_path):
+    planner_dir = tmp_path / "planner"
+    LayoutPlanner(TINY_PLANNER).save_pretrained(planner_dir)
+    with pytest.raises(RecipeError, match="layout_channels must be 11"):
+        train_generator_run(layout_recipe(tmp_path, planner_dir, "depth = 1, layout_channels = 5"), tmp_path / "a")
+    with pytest.raises(RecipeError, match="no layout planner checkpoint"):
+        train_generator_run(layout_recipe(tmp_path, tmp_path / "nowhere"), tmp_path / "b")
+    with pytest.raises(RecipeError, match="has no layout_channels"):
+        train_generator_run(layout_recipe(tmp_path, planner_dir, "depth = 1"), tmp_path / "c")
+    wrong = tmp_path / "wrong"
+    LayoutPlanner(PlannerConfig(dim=32, depth=1, heads=2, features=5)).save_pretrained(wrong)
+    with pytest.raises(RecipeError, match="reads 3 of 28"):
+        train_generator_run(layout_recipe(tmp_path, wrong), tmp_path / "d")
+    recipe = tmp_path / "no_planner.toml"
+    recipe.write_text(TINY_RECIPE.replace("overrides = { depth = 1 }", "overrides = { depth = 1, layout_channels = 11 }"))
+    with pytest.raises(RecipeError, match="must name the layout planner"):
+        train_generator_run(recipe, tmp_path / "e")
+
+
+def test_plans_rendered_by_the_world_are_judged_like_videos():
+    from kinetoscope.eval.judge import judge
+    from kinetoscope.models.text_encoder import TextEncoder
+    from kinetoscope.pipelines.layout import PlannedScenes
+
+    planned = PlannedScenes(LayoutPlanner(TINY_PLANNER), TextEncoder.load("cpu"))
+    prompt = "a red circle moves to the right on a white background"
+    video = planned(prompt, seed=3)
+    assert video.frames.shape == (17, 128, 128, 3) and np.array_equal(planned(prompt, seed=3).frames, video.frames)
+    assert (video.frames[0, 0, 0] == world.BACKGROUNDS["white"]).all()  # the prompt's background
+    truth = world.Scene(slots_to_objects(scene_to_slots(world.sample_scene(np.random.default_rng(2)).objects)), "black")
+    verdict = judge(world.render(truth, 128, 128, 17, 8.0), captions.parse_prompt(captions.caption_variants(truth, np.random.default_rng(0), 1)[0]), 8.0)
+    assert verdict.passed  # a plan that is the truth passes, so the judge can score plans
