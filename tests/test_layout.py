@@ -10,7 +10,7 @@ import torch
 
 from kinetoscope.cli import main
 from kinetoscope.data import captions, world
-from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, scene_to_slots, slots_to_objects
+from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, in_mention_order, scene_to_slots, slots_to_objects
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, canvas_condition
 from kinetoscope.pipelines.text_to_video import TextToVideo
@@ -82,18 +82,28 @@ def test_slots_read_as_the_world_allows():
     assert slots_to_objects(still)[0].speed is None
 
 
-def test_the_planner_treats_its_slots_as_a_set():
+def test_slots_follow_the_order_the_caption_names_the_objects():
+    red = world.ShapeObject("red", "circle", "small", "still", None, (0.2, 0.5))
+    blue = world.ShapeObject("blue", "square", "large", "up", "slow", (0.7, 0.6))
+    pinks = [world.ShapeObject("pink", "triangle", "small", "grow", None, (x, 0.2)) for x in (0.3, 0.7)]
+    assert in_mention_order([red, *pinks], "two pink triangles grow while a red ball stays still") == [*pinks, red]
+    assert in_mention_order([blue, red], "a red circle is left of a blue box") == [red, blue]
+    assert in_mention_order([red, blue], "a big blue box rises slowly; a red ball stays still") == [blue, red]
+
+
+def test_the_planner_tells_its_slots_apart_and_hears_the_canvas():
     torch.manual_seed(0)
     planner = LayoutPlanner(TINY_PLANNER)
     for parameter in planner.parameters():  # past adaLN-Zero's silent start
         torch.nn.init.normal_(parameter, std=0.2)
-    slots, text = torch.randn(2, 3, SLOT_FEATURES), torch.randn(2, 5, 384)
-    mask, canvas = torch.ones(2, 5, dtype=torch.bool), torch.stack([canvas_condition(64, 64, 2.0), canvas_condition(96, 64, 0.0)])
-    t = torch.tensor([0.3, 0.8])
+    text, mask = torch.randn(2, 5, 384), torch.ones(2, 5, dtype=torch.bool)
+    canvas = torch.stack([canvas_condition(64, 64, 2.0), canvas_condition(96, 64, 0.0)])
+    slots, t = torch.randn(1, 3, SLOT_FEATURES).expand(2, -1, -1), torch.tensor([0.3, 0.3])
     out = planner(slots, t, text, mask, canvas)
     assert out.shape == slots.shape
-    order = torch.tensor([2, 0, 1])
-    assert torch.allclose(planner(slots[:, order], t, text, mask, canvas), out[:, order], atol=1e-5)
+    same = slots[:, :1].expand(-1, 3, -1)  # three slots alike but for their place
+    alike = planner(same, t, text, mask, canvas)
+    assert not torch.allclose(alike[:, 0], alike[:, 1])
     assert not torch.allclose(planner(slots, t, text, mask, canvas.flip(0)), out)  # the canvas matters
 
 

@@ -8,9 +8,11 @@ is). Layout supervision trains a probe to predict them from the transformer's to
 denoiser paints it.
 
 Slots (`scene_to_slots`, `slots_to_objects`): the objects of a scene as a (MAX_OBJECTS, SLOT_FEATURES)
-array a layout planner can generate, one row per object in any order: whether the slot holds an
-object, one-hot colour, shape, size, motion and speed (as -1/+1), and the start centre (as -1..1 of
-the canvas). Rows beyond the scene's objects say "none" and are zero elsewhere.
+array a layout planner can generate, one row per object: whether the slot holds an object, one-hot
+colour, shape, size, motion and speed (as -1/+1), and the start centre (as -1..1 of the canvas).
+Rows beyond the scene's objects say "none" and are zero elsewhere. A planner learns them in the
+order its caption names the objects (`in_mention_order`), so that slot k has one place in the
+prompt to read: which colour goes with which shape and motion is then a matter of where to look.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from kinetoscope.data import world
+from kinetoscope.data import captions, world
 
 LAYOUT_CHANNELS = len(world.SHAPES) + len(world.COLORS)
 MIN_SPREAD = 0.5  # tokens: the narrowest centre Gaussian, so a small object between tokens still lights them
@@ -74,6 +76,13 @@ def layout_maps(clips: Sequence[Sequence[world.ShapeObject]], size: tuple[int, i
 def scene_objects(scenes: Sequence[dict]) -> list[tuple[world.ShapeObject, ...]]:
     """The objects of scenes given as dicts (a dataset batch's "scene")."""
     return [world.Scene.from_dict(scene).objects for scene in scenes]
+
+
+def in_mention_order(objects: Sequence[world.ShapeObject], caption: str) -> list[world.ShapeObject]:
+    """The objects in the order `caption` first names their colour (a colour names one kind of
+    object in Shapes World, so it tells the objects of a caption apart); a group stays together."""
+    named = [obj.color for obj in captions.parse_prompt(caption).objects]
+    return sorted(objects, key=lambda obj: named.index(obj.color))
 
 
 def scene_to_slots(objects: Sequence[world.ShapeObject]) -> np.ndarray:

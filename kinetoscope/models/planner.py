@@ -7,10 +7,12 @@ tokens and on the canvas (aspect ratio and duration decide where a moving object
 in view). Generating rather than regressing the slots matters: two objects without a stated
 relation may be anywhere, and an average of their places would stack them in the middle.
 
-The slots are a set: no position embedding tells them apart, so their order means nothing and the
-noise they start from is what makes each slot a different object. Each block is the denoiser's
-(DiTBlock: adaLN-Zero from the timestep, pooled prompt and canvas; self-attention among the slots;
-cross-attention to the text), with rotary positions that do not turn (every slot at position 0).
+Slot k holds the k-th object the prompt names (a learned embedding per slot tells them apart), so
+each slot has one place in the prompt to read its colour, shape and motion from. As a set with
+nothing but noise to tell the slots apart, a first planner bound shapes and motions to the wrong
+colours (README). Each block is the denoiser's (DiTBlock: adaLN-Zero from the timestep, pooled
+prompt and canvas; self-attention among the slots; cross-attention to the text), with rotary
+positions that do not turn: the slot embedding says which slot is which.
 
 Shapes: slots (B, S, F); text (B, L, D_text) with mask (B, L); canvas (B, 2); tokens (B, S, D).
 """
@@ -57,6 +59,7 @@ class LayoutPlanner(Pretrained, nn.Module):
         block_cfg = cfg.block_config()  # also checks that the head size suits the attention
         d = cfg.dim
         self.slots_in = nn.Linear(cfg.features, d)
+        self.slot_embedding = nn.Parameter(torch.randn(1, cfg.slots, d) * 0.02)
         self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.canvas_mlp = nn.Sequential(nn.Linear(2, d), nn.SiLU(), nn.Linear(d, d))
         self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
@@ -75,7 +78,7 @@ class LayoutPlanner(Pretrained, nn.Module):
 
     def forward(self, slots, t, text, text_mask, canvas):
         """slots (B, S, F) noised to t (B,) in [0, 1], text (B, L, text_dim), text_mask (B, L), canvas (B, 2) -> velocity (B, S, F)."""
-        x = self.slots_in(slots)
+        x = self.slots_in(slots) + self.slot_embedding
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
         cond = self.time_mlp(timestep_embedding(t, 256)) + self.text_pool(pooled) + self.canvas_mlp(canvas)  # (B, D)
         context = self.text_in(text)

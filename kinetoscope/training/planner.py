@@ -4,7 +4,8 @@
 
 Nothing is rendered: each step draws training scenes on canvases of the recipe's buckets, captions
 them from the train split only (held-out combinations and phrasings never appear), and teaches the
-planner the rectified-flow velocity from noise to the scene's object slots (data/layout.py).
+planner the rectified-flow velocity from noise to the scene's object slots (data/layout.py), in the
+order the caption names the objects.
 Resumes from OUTPUT/checkpoint; keeps an EMA of the weights, which is what gets exported. Every
 evaluation plans held-out prompts, renders the plans with Shapes World itself and lets the judge
 score them (pipelines/layout.py), and saves a contact sheet of them.
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from kinetoscope.data import captions, world
 from kinetoscope.data.dataset import Bucket
-from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, scene_to_slots
+from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, in_mention_order, scene_to_slots
 from kinetoscope.diffusion.rectified_flow import add_noise, velocity_target
 from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, canvas_condition
 from kinetoscope.models.text_encoder import TextEncoder
@@ -66,8 +67,9 @@ class SceneBatches:
             bucket = self.buckets[self.rng.integers(len(self.buckets))]
             seconds = (bucket.frames - 1) / self.fps
             scene = world.sample_scene(self.rng, bucket.width / bucket.height, max(seconds, 1 / self.fps), captions.TRAIN_SCENES)
-            slots.append(scene_to_slots(scene.objects))
-            texts.append(captions.caption_variants(scene, self.rng, count=1, split="train")[0])
+            caption = captions.caption_variants(scene, self.rng, count=1, split="train")[0]
+            slots.append(scene_to_slots(in_mention_order(scene.objects, caption)))
+            texts.append(caption)
             canvases.append(canvas_condition(bucket.width, bucket.height, seconds))
         text, mask = self.text_encoder.encode(texts)
         return torch.from_numpy(np.stack(slots)), text, mask, torch.stack(canvases)
