@@ -237,3 +237,25 @@ def test_plans_rendered_by_the_world_are_judged_like_videos():
     truth = world.Scene(slots_to_objects(scene_to_slots(world.sample_scene(np.random.default_rng(2)).objects)), "black")
     verdict = judge(world.render(truth, 128, 128, 17, 8.0), captions.parse_prompt(captions.caption_variants(truth, np.random.default_rng(0), 1)[0]), 8.0)
     assert verdict.passed  # a plan that is the truth passes, so the judge can score plans
+
+
+def test_the_world_allows_only_plans_it_could_draw_and_planning_keeps_the_first_of_those(monkeypatch):
+    from kinetoscope.pipelines import layout as planning
+
+    scene = world.sample_scene(np.random.default_rng(4), 1.0, 2.0)
+    assert world.is_possible(scene.objects, 1.0, 2.0)
+    still = world.ShapeObject("red", "square", "medium", "still", None, (0.5, 0.5))
+    assert world.is_possible([still], 1.0, 2.0)
+    assert not world.is_possible([still, world.ShapeObject("blue", "circle", "medium", "still", None, (0.55, 0.5))], 1.0, 2.0)  # touching
+    assert not world.is_possible([world.ShapeObject("red", "square", "medium", "right", "fast", (0.8, 0.5))], 1.0, 2.0)  # leaves the canvas
+
+    overlapping = [still, world.ShapeObject("blue", "circle", "small", "still", None, (0.5, 0.5))]
+    apart = [still, world.ShapeObject("blue", "circle", "small", "still", None, (0.25, 0.25))]
+    drawn = [overlapping, apart, overlapping]  # the planner's tries, in order
+    monkeypatch.setattr(planning, "euler_sample", lambda velocity, noise, times: torch.from_numpy(
+        np.stack([scene_to_slots(objects) for objects in drawn])))
+    planner = LayoutPlanner(TINY_PLANNER)
+    text, mask = torch.randn(1, 4, 384), torch.ones(1, 4, dtype=torch.bool)
+    assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3) == [tuple(apart)]
+    drawn = [overlapping, overlapping]
+    assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=2) == [tuple(overlapping)]  # none allowed: the first

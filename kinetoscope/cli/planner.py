@@ -15,6 +15,8 @@ def register(subparsers):
     evaluate.add_argument("--weights", required=True, help="planner folder (config.json + model.safetensors), or a layout model's")
     evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
     evaluate.add_argument("--prompt-seed", type=common.seed, default=777, help="which seeded sample of held-out prompts (default 777)")
+    evaluate.add_argument("--tries", type=common.positive_int, default=8,  # pipelines.layout.PLAN_TRIES, named here so --help needs no torch
+                          help="plans drawn per prompt, of which the first the world allows is kept (default 8, as generation does; 1: the planner alone)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
     evaluate.set_defaults(handler=run_eval)
 
@@ -36,10 +38,11 @@ def run_eval(args) -> int:
 
     report = common.check_writable_file(args.report, "--report") if args.report else None
     folder = Path(args.weights)
-    planned = common.load_weights(PlannedScenes.load, str(folder / "planner" if (folder / "planner").is_dir() else folder))
+    planned = common.load_weights(lambda weights: PlannedScenes.load(weights, args.tries),
+                                  str(folder / "planner" if (folder / "planner").is_dir() else folder))
     with tqdm(total=args.per_tier * len(TIERS), desc="held-out plans", unit="plan") as bar:
         result = evaluate_generator(planned, args.per_tier, progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
     print_results(result)
     if report is not None:
-        write_report(report, {"prompt_seed": args.prompt_seed, "noise_seeds": NOISE_SEEDS, "planner": str(folder)}, result)
+        write_report(report, {"prompt_seed": args.prompt_seed, "noise_seeds": NOISE_SEEDS, "planner": str(folder), "tries": args.tries}, result)
     return 0

@@ -201,6 +201,20 @@ def _relation(a: ShapeObject, b: ShapeObject, canvas) -> tuple[str, str, str] | 
     return None
 
 
+def is_possible(objects, aspect: float, seconds: float, tolerance: float = 1e-3) -> bool:
+    """Whether these objects, as placed, make a scene `sample_scene` could draw on a canvas of
+    `aspect` (W/H) for `seconds`: each one inside the canvas for the whole clip (a bounce with room
+    to fall) and no two touching."""
+    canvas = canvas_units(aspect, 1.0)
+    times = np.linspace(0.0, seconds, 33)
+    for obj in objects:
+        for axis in (0, 1):
+            lo, hi = _start_range(obj, axis, canvas, times, seconds)
+            if not lo - tolerance <= obj.start[axis] * canvas[axis] <= hi + tolerance:
+                return False
+    return not _overlaps(objects, canvas, times, seconds)
+
+
 def canvas_units(width: float, height: float) -> tuple[float, float]:
     short = min(width, height)
     return width / short, height / short

@@ -1,7 +1,10 @@
 """Prompt to layout: the planner's sampling, and a planned scene drawn by the world's own renderer.
 
 `plan_objects` carries seeded noise to object slots with the planner (rectified flow, Euler) and
-reads them as the scene's objects. `PlannedScenes` renders those objects exactly as Shapes World
+reads them as the scene's objects. It draws several plans at once and keeps the first that the
+world allows (`world.is_possible`: every object inside the canvas for the whole clip, no two
+touching), since a plan that breaks those rules cannot be drawn as the prompt asks: two objects
+drawn on top of each other are one blob to anyone counting them. `PlannedScenes` renders those objects exactly as Shapes World
 would, so the judge can score a planner alone: the share of held-out prompts a layout model could
 get fully right if its denoiser painted every plan perfectly.
 """
@@ -20,6 +23,7 @@ from kinetoscope.models.planner import LayoutPlanner, canvas_condition
 from kinetoscope.models.text_encoder import TextEncoder
 
 PLAN_STEPS = 24  # Euler steps over 3 slot tokens: a few milliseconds
+PLAN_TRIES = 8  # plans drawn at once per prompt, of which the first the world allows is kept
 
 
 def check_planner(planner: LayoutPlanner):
@@ -31,32 +35,40 @@ def check_planner(planner: LayoutPlanner):
 
 @torch.no_grad()
 def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor, width: int, height: int, seconds: float,
-                 generator: torch.Generator, steps: int = PLAN_STEPS) -> list[tuple[world.ShapeObject, ...]]:
+                 generator: torch.Generator, steps: int = PLAN_STEPS, tries: int = PLAN_TRIES) -> list[tuple[world.ShapeObject, ...]]:
     """The objects the planner places for each prompt (text (B, L, D), mask (B, L)) on a canvas of
-    width x height pixels lasting `seconds`; seeded by `generator`."""
+    width x height pixels lasting `seconds`, seeded by `generator`: of `tries` plans each, the first
+    the world allows, or the first where none is."""
     device = text.device
     b = text.shape[0]
-    canvas = canvas_condition(width, height, seconds).to(device).expand(b, -1)
-    noise = torch.randn((b, planner.cfg.slots, planner.cfg.features), generator=generator).to(device)
+    text, mask = text.repeat_interleave(tries, 0), mask.repeat_interleave(tries, 0)  # prompt i's tries are rows i*tries...
+    canvas = canvas_condition(width, height, seconds).to(device).expand(b * tries, -1)
+    noise = torch.randn((b * tries, planner.cfg.slots, planner.cfg.features), generator=generator).to(device)
     times = torch.linspace(1.0, 0.0, steps + 1, device=device)
-    slots = euler_sample(lambda x, t: planner(x, t, text, mask, canvas).float(), noise, times)
-    return [slots_to_objects(row) for row in slots.cpu().numpy()]
+    slots = euler_sample(lambda x, t: planner(x, t, text, mask, canvas).float(), noise, times).cpu().numpy()
+    plans = []
+    for prompt in range(b):
+        drawn = [slots_to_objects(row) for row in slots[prompt * tries:(prompt + 1) * tries]]
+        plans.append(next((plan for plan in drawn if world.is_possible(plan, width / height, seconds)), drawn[0]))
+    return plans
 
 
 class PlannedScenes:
     """Looks like a pipeline to `evaluate_generator`: each prompt's plan, rendered by Shapes World
     itself on the prompt's background (black where it names none; the planner places objects only)."""
 
-    def __init__(self, planner: LayoutPlanner, text_encoder: TextEncoder, fps: float = 8.0, size: tuple[int, int] = (128, 128)):
+    def __init__(self, planner: LayoutPlanner, text_encoder: TextEncoder, fps: float = 8.0, size: tuple[int, int] = (128, 128),
+                 tries: int = PLAN_TRIES):
         check_planner(planner)
         self.planner = planner.eval()
         self.text_encoder = text_encoder
         self.fps = fps
         self.size = size
+        self.tries = tries
 
     @classmethod
-    def load(cls, weights: str | Path) -> "PlannedScenes":
-        return cls(LayoutPlanner.from_pretrained(weights), TextEncoder.load("cpu"))
+    def load(cls, weights: str | Path, tries: int = PLAN_TRIES) -> "PlannedScenes":
+        return cls(LayoutPlanner.from_pretrained(weights), TextEncoder.load("cpu"), tries=tries)
 
     def frames_for(self, seconds: float) -> int:
         return 1 + round(seconds * self.fps)
@@ -66,7 +78,8 @@ class PlannedScenes:
 
         width, height = self.size
         text, mask = self.text_encoder.encode([prompt])
-        objects = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed))[0]
+        objects = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed),
+                               tries=self.tries)[0]
         background = parse_prompt(prompt).background or "black"
         scene = world.Scene(objects, background)
         return GeneratedVideo(world.render(scene, width, height, frames, self.fps), self.fps, seed, plan=objects)
