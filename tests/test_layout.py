@@ -198,6 +198,18 @@ def test_a_layout_model_trains_on_true_layouts_and_samples_its_planners(tmp_path
     with pytest.raises(ValueError, match="serves only a transformer that takes a layout"):
         TextToVideo(plain, pipe.autoencoder, pipe.text_encoder, planner=pipe.planner)
 
+    # Guidance distillation of a layout model: the student is shown the layout too, in one pass.
+    distill = f'[distill]\nteacher = "{final}"\nguidance = [1.0, 3.0]\n'
+    student_recipe = tmp_path / "student.toml"
+    student_recipe.write_text(layout_recipe(tmp_path, planner_dir).read_text().replace('size = "tiny"', f'size = "tiny"\ninit = "{final}"') + distill)
+    student = TextToVideo.load(train_generator_run(student_recipe, tmp_path / "student"))
+    assert student.transformer.cfg.distilled_guidance == (1.0, 3.0) and student.planner is not None
+    video = student("a red square spins", width=32, height=32, frames=5, steps=2, guidance=2.0, seed=1)
+    assert video.frames.shape == (5, 32, 32, 3) and video.plan is not None
+    student_recipe.write_text(TINY_RECIPE.replace('size = "tiny"', f'size = "tiny"\ninit = "{final}"') + distill)
+    with pytest.raises(RecipeError, match="a layout model's student is one too"):
+        train_generator_run(student_recipe, tmp_path / "plain_student")
+
 
 def train_generator_run(recipe: Path, output: Path) -> Path:
     from kinetoscope.training.generator import train

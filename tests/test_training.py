@@ -313,7 +313,7 @@ def test_a_distill_recipe_trains_a_student_that_samples_in_one_pass(tmp_path):
         with pytest.raises(RecipeError, match=message):
             train(str(recipe), output=str(tmp_path / "broken"))
     recipe.write_text(TINY_RECIPE.replace("log_every = 1", "log_every = 1\nlayout_loss = 1.0\nlayout_block = 1") + distill)
-    with pytest.raises(RecipeError, match="not as a guidance-distilled student"):
+    with pytest.raises(RecipeError, match="not a guidance-distilled student"):
         train(str(recipe), output=str(tmp_path / "broken"))
     assert not (tmp_path / "broken").exists()
 

@@ -19,7 +19,8 @@ against the velocity loss.
 A layout model (`[model] overrides = { layout_channels = 11 }`) takes the heatmaps of each clip's
 true object centres (data/layout.py) as an input, dropped with the caption; `[model] planner` names
 the layout planner (training/planner.py) that writes them at sampling, for the samples here and in
-the export, which carries a copy of it.
+the export, which carries a copy of it. Distilling a layout model shows the student and the
+teacher's conditional pass the true layout, and the teacher's unconditional pass none, as sampling does.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def layout_setting(settings: dict, depth: int) -> tuple[float, int] | None:
 
 
 def distillation_loss(model, teacher, latents, text, mask, schedule: FlowSchedule, guidance_range, generator=None,
-                      window: tuple[float, float] | None = None):
+                      window: tuple[float, float] | None = None, layout: torch.Tensor | None = None):
     """The student's velocity at guidance g against its teacher's guided one, MSE per sample (B,),
     and the times it was drawn at: uniform over the sampler's path (or `window` of it) before the shift."""
     b, device = latents.shape[0], latents.device
@@ -169,10 +170,11 @@ def distillation_loss(model, teacher, latents, text, mask, schedule: FlowSchedul
     noisy = add_noise(latents, noise, t)
     with torch.no_grad(), autocast_for(device):
         both_text, both_mask = teacher.drop_text(text.repeat(2, 1, 1), mask.repeat(2, 1), torch.arange(2 * b, device=device) >= b)
-        conditional, unconditional = teacher(noisy.repeat(2, 1, 1, 1, 1), t.repeat(2), both_text, both_mask).float().chunk(2)
+        both_layout = None if layout is None else torch.cat([layout, torch.zeros_like(layout)])  # as the pipeline guides
+        conditional, unconditional = teacher(noisy.repeat(2, 1, 1, 1, 1), t.repeat(2), both_text, both_mask, layout=both_layout).float().chunk(2)
         target = unconditional + guidance.view(-1, 1, 1, 1, 1) * (conditional - unconditional)
     with autocast_for(device):
-        prediction = model(noisy, t, text, mask, guidance=guidance)
+        prediction = model(noisy, t, text, mask, guidance=guidance, layout=layout)
     return F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1), t
 
 
@@ -319,8 +321,11 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     except (TypeError, ValueError) as error:
         raise RecipeError(f"[model]: {error}") from None
     layout = layout_setting(settings, model.cfg.depth)
-    if teacher is not None and (layout is not None or model.cfg.layout_channels):
-        raise RecipeError("[train] layout_loss and layout models train from data, not as a guidance-distilled student")
+    if teacher is not None and layout is not None:
+        raise RecipeError("[train] layout_loss trains a model from data, not a guidance-distilled student")
+    if teacher is not None and teacher.cfg.layout_channels != model.cfg.layout_channels:
+        raise RecipeError(f"[distill] the teacher takes {teacher.cfg.layout_channels} layout channels and the student "
+                          f"{model.cfg.layout_channels}: a layout model's student is one too ([model] overrides layout_channels)")
     planner = load_planner(recipe["model"], model.cfg.layout_channels)
     run = RunDirectory(output or settings["output"])  # only once the recipe is known to describe a run
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -389,7 +394,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr
         if teacher is not None:
-            per_sample, t = distillation_loss(model, teacher, latents, text, mask, schedule, guidance_range, window=window)
+            per_sample, t = distillation_loss(model, teacher, latents, text, mask, schedule, guidance_range, window=window,
+                                              layout=targets if planner is not None else None)
         else:
             per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"], window=window,
                                            layout=targets if planner is not None else None)
