@@ -4,9 +4,9 @@
 reads them as the scene's objects. It draws several plans at once and keeps the first that the
 world allows (`world.is_possible`: every object inside the canvas for the whole clip, no two
 touching), since a plan that breaks those rules cannot be drawn as the prompt asks: two objects
-drawn on top of each other are one blob to anyone counting them. `PlannedScenes` renders those objects exactly as Shapes World
-would, so the judge can score a planner alone: the share of held-out prompts a layout model could
-get fully right if its denoiser painted every plan perfectly.
+drawn on top of each other are one blob to anyone counting them. `PlannedScenes` renders those
+objects exactly as Shapes World would, so the judge can score a planner alone: the share of
+held-out prompts a layout model could get fully right if its denoiser painted every plan perfectly.
 """
 
 from __future__ import annotations
