@@ -289,7 +289,7 @@ class TextToVideo:
         noise = draw_noise((1, *latent_shape)).to(self.device)
         velocity = self.guided_velocity(text, mask, guidance, layout=layout)
         times = self.schedule.sampling_times(steps, self.transformer.token_count(latent_shape), self.device, strength)
-        start = noise if given is None else add_noise(given, noise, times[:1])
+        start = noise if given is None or strength == 1 else add_noise(given, noise, times[:1])  # the shift may leave 1 a rounding short of 1
         with autocast_for(self.device):  # one context for every step, so the weights are cast to the compute dtype once
             return SAMPLERS[sampler](velocity, start, times, on_step, draw_noise=draw_noise)
 
