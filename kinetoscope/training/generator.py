@@ -41,16 +41,16 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kinetoscope.data.captions import PromptError, parse_prompt
+from kinetoscope.data.layout import LAYOUT_CHANNELS, layout_maps, scene_objects
 from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, predicted_clean, velocity_target
 from kinetoscope.models.autoencoder import VideoAutoencoder, default_weights_dir
 from kinetoscope.models.dit import DiffusionTransformer, config_for
+from kinetoscope.models.planner import LayoutPlanner
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
 from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, check_train_settings,
                                          check_buckets, learning_rate, load_recipe, replace_folder,
                                          recipe_dataset, reuse_setting, run_progress)
-from kinetoscope.data.layout import LAYOUT_CHANNELS, layout_maps, scene_objects
-from kinetoscope.models.planner import LayoutPlanner
 from kinetoscope.training.layout import HiddenTokens, LayoutProbe, layout_loss
 
 REQUIRED = {
