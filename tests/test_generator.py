@@ -487,6 +487,8 @@ def test_eval_from_noise_cli_prints_and_reports_each_level(weights_dir, tmp_path
         assert main(["eval", *bad, "--weights", str(weights_dir)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--from-noise" in err, err
+    assert main(["eval", "--true-layout", "--weights", str(weights_dir)]) == 2
+    assert "needs a layout model" in capsys.readouterr().err
 
 
 def test_the_api_refuses_out_of_range_guidance_and_fractional_steps(pipe):

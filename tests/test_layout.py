@@ -192,11 +192,24 @@ def test_a_layout_model_trains_on_true_layouts_and_samples_its_planners(tmp_path
     again = pipe("two small yellow squares slide up quickly", width=32, height=32, frames=5, steps=2, seed=4)
     assert first.frames.shape == (5, 32, 32, 3) and np.array_equal(first.frames, again.frames)
     assert first.plan == again.plan and all(isinstance(obj, world.ShapeObject) for obj in first.plan)
+    given = (world.ShapeObject("red", "circle", "large", "still", None, (0.3, 0.5)),)  # a layout set by hand
+    torch.nn.init.normal_(pipe.transformer.layout_in.weight)  # two steps leave it near its zero start: make the layout count
+    planned = pipe("two small yellow squares slide up quickly", width=32, height=32, frames=5, steps=2, seed=4)
+    painted = pipe("two small yellow squares slide up quickly", width=32, height=32, frames=5, steps=2, seed=4, plan=list(given))
+    assert painted.plan == given != planned.plan and not np.array_equal(painted.frames, planned.frames)
+    for plan, message in (([], "1 to 3 objects"), (given * 4, "1 to 3 objects"), (["a red circle"], "sequence of Shapes World objects")):
+        with pytest.raises(ValueError, match=message):
+            pipe("a red circle", width=32, height=32, frames=5, steps=2, plan=plan)
     with pytest.raises(ValueError, match="needs its layout planner"):
         TextToVideo(pipe.transformer, pipe.autoencoder, pipe.text_encoder)
     plain = DiffusionTransformer(config_for("tiny", depth=1, latent_channels=pipe.autoencoder.cfg.latent_channels))
     with pytest.raises(ValueError, match="serves only a transformer that takes a layout"):
         TextToVideo(plain, pipe.autoencoder, pipe.text_encoder, planner=pipe.planner)
+    with pytest.raises(ValueError, match="takes no layout plan"):
+        TextToVideo(plain, pipe.autoencoder, pipe.text_encoder)("a red circle", width=32, height=32, frames=5, steps=2, plan=given)
+    report = tmp_path / "true.json"
+    assert main(["eval", "--weights", str(final), "--per-tier", "1", "--steps", "1", "--true-layout", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["layout"] == "true"
 
     # Guidance distillation of a layout model: the student is shown the layout too, in one pass.
     distill = f'[distill]\nteacher = "{final}"\nguidance = [1.0, 3.0]\n'
@@ -234,6 +247,34 @@ def test_layout_model_recipes_name_a_planner_that_fits(tmp_path):
     recipe.write_text(TINY_RECIPE.replace("overrides = { depth = 1 }", "overrides = { depth = 1, layout_channels = 11 }"))
     with pytest.raises(RecipeError, match="must name the layout planner"):
         train_generator_run(recipe, tmp_path / "e")
+
+
+def test_eval_with_true_layouts_hands_each_prompt_the_scene_it_was_written_from(capsys):
+    from types import SimpleNamespace
+
+    from kinetoscope.eval import generation
+
+    class PaintingPipe:  # paints exactly the plan it is given, as a perfect denoiser would
+        fps = 8.0
+        asked = []
+
+        def frames_for(self, seconds):
+            return 1 + round(seconds * self.fps)
+
+        def __call__(self, prompt, frames=17, seed=0, plan=None, **settings):
+            self.asked.append(plan)
+            scene = world.Scene(tuple(plan), captions.parse_prompt(prompt).background or "black")
+            return SimpleNamespace(frames=world.render(scene, 128, 128, frames, self.fps), fps=self.fps)
+
+    prompts = generation.held_out_prompts(4)
+    for item in prompts:  # each prompt's objects are the ones it names
+        named = sorted(obj.color for obj in captions.parse_prompt(item.prompt).objects)
+        assert sorted(obj.color for obj in item.objects) == named
+    report = generation.evaluate_generator(PaintingPipe(), per_tier=4, true_layout=True)
+    assert PaintingPipe.asked == [item.objects for item in prompts]
+    assert all(scores["fully_right"] >= 0.75 for scores in report["tiers"].values()), report["failures"]
+    assert main(["eval", "--true-layout", "--from-noise", "1"]) == 2
+    assert "--from-noise starts from true clips" in capsys.readouterr().err
 
 
 def test_plans_rendered_by_the_world_are_judged_like_videos():

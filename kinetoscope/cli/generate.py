@@ -32,6 +32,8 @@ def register(subparsers):
                           help="instead: true clips of training scenes, noised to each LEVEL of the sampler's path "
                                "(1: pure noise) and sampled back, judged against their captions: where the model decides layouts")
     evaluate.add_argument("--clips", type=common.positive_int, help="clips per --from-noise level (default 50)")
+    evaluate.add_argument("--true-layout", action="store_true",
+                          help="a layout model paints each held-out scene's true layout instead of its planner's plan")
     common.add_sampling_arguments(evaluate)
     evaluate.add_argument("--weights", help="generator folder (default: the shipped model)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
@@ -129,8 +131,12 @@ def run_eval(args) -> int:
         raise common.UsageError("--clips counts the clips of --from-noise; held-out prompts are counted by --per-tier")
     if args.from_noise and len(set(args.from_noise)) < len(args.from_noise):
         raise common.UsageError(f"--from-noise names a level more than once: {' '.join(f'{level:g}' for level in args.from_noise)}")
+    if args.true_layout and args.from_noise:
+        raise common.UsageError("--true-layout paints the layouts of held-out scenes; --from-noise starts from true clips instead")
     report = common.check_writable_file(args.report, "--report") if args.report else None
     pipe = load_pipeline(args.weights)
+    if args.true_layout and pipe.planner is None:
+        raise common.UsageError("--true-layout needs a layout model (one with a planner); this model takes no layout")
     try:
         sampling = pipe.sampling_for(args.steps, args.guidance, args.sampler)
     except ValueError as error:
@@ -138,6 +144,8 @@ def run_eval(args) -> int:
     print(f"sampling: {sampling.steps} steps of {sampling.sampler}, guidance {sampling.guidance:g}")
 
     report_data = {"prompt_seed": args.prompt_seed, "sampling": asdict(sampling), "noise_seeds": NOISE_SEEDS}
+    if pipe.planner is not None and not args.from_noise:
+        report_data["layout"] = "true" if args.true_layout else "planned"
     if args.from_noise:
         clips = args.clips or 50
         with tqdm(total=clips * len(args.from_noise), desc="noised clips", unit="clip") as bar:
@@ -151,7 +159,7 @@ def run_eval(args) -> int:
     else:
         with tqdm(total=args.per_tier * len(TIERS), desc="held-out prompts", unit="clip") as bar:
             result = evaluate_generator(pipe, args.per_tier, asdict(sampling),
-                                        progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
+                                        progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed, true_layout=args.true_layout)
         print_results(result)
     if report is not None:
         write_report(report, report_data, result)
@@ -210,8 +218,9 @@ def run_compare(args) -> int:
         raise common.UsageError(str(error)) from None
     for label, path, report in (("base: ", args.base, reports[0]), ("other:", args.other, reports[1])):
         sampling = report["sampling"] if isinstance(report.get("sampling"), dict) else {}
+        layout = f"; {report['layout']} layouts" if report.get("layout") in ("true", "planned") else ""
         print(f"{label} {path} (prompt seed {report.get('prompt_seed', '?')}; {sampling.get('steps', '?')} steps of "
-              f"{sampling.get('sampler', '?')}, guidance {sampling.get('guidance', '?')})")
+              f"{sampling.get('sampler', '?')}, guidance {sampling.get('guidance', '?')}{layout})")
     if reports[0].get("prompt_seed") != reports[1].get("prompt_seed"):
         print("note: the reports judged different samples of prompts, so only the rates, not the prompts, are paired")
     seeding = [report_noise_seeds(report) for report in reports]

@@ -35,6 +35,7 @@ TIERS = {
 class EvalPrompt:
     tier: str
     prompt: str
+    objects: tuple[world.ShapeObject, ...] = ()  # the scene the prompt was written from: its true layout
 
 
 def held_out_prompts(per_tier: int, seed: int = EVAL_SEED, seconds: float = EVAL_SECONDS) -> list[EvalPrompt]:
@@ -43,7 +44,7 @@ def held_out_prompts(per_tier: int, seed: int = EVAL_SEED, seconds: float = EVAL
     for tier, (constraints, split) in TIERS.items():
         for _ in range(per_tier):
             scene = world.sample_scene(rng, 1.0, seconds, constraints)
-            prompts.append(EvalPrompt(tier, captions.caption_variants(scene, rng, count=1, split=split)[0]))
+            prompts.append(EvalPrompt(tier, captions.caption_variants(scene, rng, count=1, split=split)[0], scene.objects))
     return prompts
 
 
@@ -62,17 +63,20 @@ def scores(verdicts: list) -> dict:
     }
 
 
-def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, progress=None, seed: int = EVAL_SEED) -> dict:
+def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, progress=None, seed: int = EVAL_SEED,
+                       true_layout: bool = False) -> dict:
     """{"tiers": {tier: scores}, "by_objects": {objects named: {"prompts", "fully_right"}}, "failures"};
     by_objects counts prompts over both tiers, since what fails most is a scene of several objects.
     The judge checks each named group of objects (count, shape, size, motion, speed where named,
     steadiness), a named relation and background once, and extra objects once per prompt, so the
-    counts say how many checks each rate rests on. Prompt i starts from noise seed i (NOISE_SEEDS)."""
+    counts say how many checks each rate rests on. Prompt i starts from noise seed i (NOISE_SEEDS).
+    With `true_layout` a layout model paints the objects of the scene each prompt was written from
+    instead of its planner's plan: how often the denoiser paints a right plan right."""
     settings = {"frames": pipe.frames_for(EVAL_SECONDS), **(settings or {})}  # the scenes' length at the model's frame rate
     verdicts, by_objects = defaultdict(list), defaultdict(list)
     failures = []
     for index, item in enumerate(held_out_prompts(per_tier, seed)):
-        video = pipe(item.prompt, seed=index, **settings)
+        video = pipe(item.prompt, seed=index, **({"plan": item.objects} if true_layout else {}), **settings)
         scene = captions.parse_prompt(item.prompt)
         verdict = judge(video.frames, scene, video.fps)
         verdicts[item.tier].append(verdict)

@@ -18,14 +18,16 @@ import math
 import numbers
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kinetoscope.data import world
 from kinetoscope.data.dataset import clip_to_tensor, tensor_to_clip
-from kinetoscope.data.layout import LAYOUT_CHANNELS, layout_maps
+from kinetoscope.data.layout import LAYOUT_CHANNELS, MAX_OBJECTS, layout_maps
 from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, add_noise, predicted_clean
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer
@@ -186,6 +188,17 @@ class TextToVideo:
         """The fewest 1 + 4k frames at the model's frame rate that last at least `seconds`."""
         return 1 + self.frame_multiple * max(1, math.ceil(seconds * self.fps / self.frame_multiple - 1e-9))
 
+    def check_plan(self, plan):
+        """A plan is for a layout model, and holds what a scene can: 1 to MAX_OBJECTS objects."""
+        if plan is None:
+            return
+        if self.planner is None:
+            raise ValueError("this model takes no layout plan; only a layout model (one with a planner) paints one")
+        if not isinstance(plan, Sequence) or not all(isinstance(obj, world.ShapeObject) for obj in plan):
+            raise ValueError("a plan is a sequence of Shapes World objects (kinetoscope.data.world.ShapeObject)")
+        if not 1 <= len(plan) <= MAX_OBJECTS:
+            raise ValueError(f"a plan holds 1 to {MAX_OBJECTS} objects, not {len(plan)}")
+
     def check_request(self, prompt: str, width: int, height: int, frames: int):
         if not isinstance(prompt, str):
             raise ValueError(f"the prompt must be a str, not {type(prompt).__name__}")
@@ -219,8 +232,12 @@ class TextToVideo:
     @torch.no_grad()
     def __call__(self, prompt: str, width: int = 128, height: int = 128, frames: int = 17, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, sampler: str | None = None, on_step=None,
-                 video: np.ndarray | None = None, strength: float = 1.0) -> GeneratedVideo:
+                 video: np.ndarray | None = None, strength: float = 1.0, plan: Sequence[world.ShapeObject] | None = None) -> GeneratedVideo:
         """Sampling settings left None are the model's own (`self.sampling`).
+
+        A layout model paints the objects of `plan` (Shapes World's ShapeObject: colour, shape,
+        size, motion, speed, start) where given, in place of its planner's: a layout a person sets,
+        or a scene's true one, which tells the denoiser's failures from the planner's.
 
         With `video` (uint8 (T, H, W, 3), which then sets the size and length), the sample starts
         from that video noised to `strength` of the sampler's path (SDEdit, Meng et al., 2022) and
@@ -238,15 +255,16 @@ class TextToVideo:
         if video is None and strength != 1:
             raise ValueError("strength below 1 needs a video to start from")
         self.check_request(prompt, width, height, frames)
+        self.check_plan(plan)
         width, height, frames = int(width), int(height), int(frames)
         steps, guidance, sampler = astuple(self.sampling_for(steps, guidance, sampler))
         timings = {}
         start = self._clock()
         text, mask = (v.to(self.device) for v in self.text_encoder.encode([prompt]))
         latent_shape = self.autoencoder.latent_shape(frames, height, width)
-        plan = layout = None
+        layout = None
         if self.planner is not None:
-            plan = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed))[0]
+            plan = tuple(plan) if plan is not None else plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed))[0]
             layout = layout_maps([plan], (width, height), frames, self.fps, self.transformer.token_grid(latent_shape)).to(self.device)
         if self.denoiser is not self.transformer:  # compiled graphs are specialised to one prompt length
             text, mask = pad_tokens(text, mask, COMPILED_TEXT_MULTIPLE)
