@@ -127,6 +127,21 @@ def test_planner_steps_lower_its_loss_on_a_fixed_batch():
     assert loss().item() < 0.6 * before
 
 
+def test_the_planner_loss_weighs_the_starts_as_asked():
+    from kinetoscope.diffusion.rectified_flow import velocity_target
+
+    planner = LayoutPlanner(TINY_PLANNER)  # its output layer starts at zero: the loss is the target's own square
+    slots = torch.from_numpy(np.stack([scene_to_slots(world.sample_scene(np.random.default_rng(i)).objects) for i in range(4)]))
+    text, mask, canvas = torch.randn(4, 6, 384), torch.ones(4, 6, dtype=torch.bool), canvas_condition(64, 64, 2.0).expand(4, -1)
+    for weight in (1.0, 4.0):
+        loss = planner_loss(planner, slots, text, mask, canvas, torch.Generator().manual_seed(7), start_weight=weight)
+        generator = torch.Generator().manual_seed(7)
+        torch.randn(4, generator=generator)
+        squared = velocity_target(slots, torch.randn(slots.shape, generator=generator)) ** 2
+        expected = (squared[..., :-2].sum() + weight * squared[..., -2:].sum()) / (squared[..., 0].numel() * (SLOT_FEATURES - 2 + 2 * weight))
+        torch.testing.assert_close(loss, expected)
+
+
 def test_planner_training_resumes_exports_and_is_scored_by_the_judge(tmp_path, capsys):
     recipe = tmp_path / "planner.toml"
     recipe.write_text(PLANNER_RECIPE)
@@ -144,6 +159,9 @@ def test_planner_training_resumes_exports_and_is_scored_by_the_judge(tmp_path, c
         train_planner(str(recipe), output=str(output), steps=6)
     recipe.write_text(PLANNER_RECIPE.replace("batch_size = 8", "batch_size = 0"))
     with pytest.raises(RecipeError, match="batch_size"):
+        train_planner(str(recipe), output=str(tmp_path / "other"))
+    recipe.write_text(PLANNER_RECIPE.replace("reuse = 1", "reuse = 1\nstart_weight = 0"))
+    with pytest.raises(RecipeError, match="start_weight"):
         train_planner(str(recipe), output=str(tmp_path / "other"))
 
     report = tmp_path / "plans.json"

@@ -40,7 +40,7 @@ REQUIRED = {
 KNOWN = {
     "model": ("dim", "depth", "heads", "mlp_ratio"),
     "data": REQUIRED["data"],
-    "train": (*REQUIRED["train"], "minutes", "reuse", "workers"),
+    "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight"),
     "eval": REQUIRED["eval"],
 }
 
@@ -75,13 +75,18 @@ class SceneBatches:
         return torch.from_numpy(np.stack(slots)), text, mask, torch.stack(canvases)
 
 
-def planner_loss(planner: LayoutPlanner, slots, text, mask, canvas, generator=None) -> torch.Tensor:
-    """Velocity MSE at logit-normal times, averaged over the batch."""
+def planner_loss(planner: LayoutPlanner, slots, text, mask, canvas, generator=None, start_weight: float = 1.0) -> torch.Tensor:
+    """Velocity MSE at logit-normal times, averaged over the batch, each slot's start (its last two
+    features) weighted `start_weight` against each of the others. A stated relation moves only the
+    starts, 2 of 28 features, and by less than a one-hot flips: at weight 1 the planner of
+    configs/planner.toml placed related objects no better than chance, on training captions too."""
     b = slots.shape[0]
     t = torch.sigmoid(torch.randn(b, generator=generator))
     noise = torch.randn(slots.shape, generator=generator)
     prediction = planner(add_noise(slots, noise, t), t, text, mask, canvas)
-    return F.mse_loss(prediction, velocity_target(slots, noise))
+    weights = torch.ones(slots.shape[-1])
+    weights[-2:] = start_weight
+    return ((prediction - velocity_target(slots, noise)) ** 2 * weights).sum(-1).mean() / weights.mean() / slots.shape[-1]
 
 
 def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None):
@@ -89,6 +94,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     settings = recipe["train"]
     check_train_settings({"workers": 0, **settings})
     reuse = reuse_setting(settings)
+    start_weight = settings.get("start_weight", 1.0)
+    if isinstance(start_weight, bool) or not isinstance(start_weight, (int, float)) or not 0 < start_weight <= 100:
+        raise RecipeError(f"[train] start_weight must be a number above 0 and at most 100, not {start_weight!r}")
     total_steps = steps or settings["steps"]
     minutes = minutes if minutes is not None else settings.get("minutes")
     evaluation = recipe["eval"]
@@ -133,7 +141,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = planner_loss(planner, *pool.next())
+        loss = planner_loss(planner, *pool.next(), start_weight=float(start_weight))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(planner.parameters(), settings["grad_clip"])
