@@ -198,7 +198,7 @@ def layout_recipe(tmp_path, planner_dir, overrides="depth = 1, layout_channels =
     return recipe
 
 
-def test_a_layout_model_trains_on_true_layouts_and_samples_its_planners(tmp_path):
+def test_a_layout_model_trains_on_true_layouts_and_samples_its_planners(tmp_path, capsys):
     torch.manual_seed(0)
     planner_dir = tmp_path / "planner"
     LayoutPlanner(TINY_PLANNER).save_pretrained(planner_dir)
@@ -228,6 +228,9 @@ def test_a_layout_model_trains_on_true_layouts_and_samples_its_planners(tmp_path
     report = tmp_path / "true.json"
     assert main(["eval", "--weights", str(final), "--per-tier", "1", "--steps", "1", "--true-layout", "--report", str(report)]) == 0
     assert json.loads(report.read_text())["layout"] == "true"
+    assert main(["generate", "a red square spins", "-o", str(tmp_path / "out.mp4"), "--size", "32x32", "--steps", "1",
+                 "--weights", str(final)]) == 0
+    assert "\nlayout: " in capsys.readouterr().out  # where the planner put the objects, in words
 
     # Guidance distillation of a layout model: the student is shown the layout too, in one pass.
     distill = f'[distill]\nteacher = "{final}"\nguidance = [1.0, 3.0]\n'

@@ -111,6 +111,10 @@ def run_generate(args) -> int:
         raise common.UsageError(f"cannot write {output}: {error}") from None
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
     print(f"wrote {output}: {len(result)} frame(s) of {width}x{height} at {args.fps:g} fps, seed {args.seed} ({timing})")
+    if video.plan is not None:  # a layout model: where its planner put the objects (x, y as fractions of the canvas)
+        from kinetoscope.data.layout import describe_objects
+
+        print(f"layout: {describe_objects(video.plan)}")
     return 0
 
 

@@ -121,3 +121,14 @@ def slots_to_objects(slots: np.ndarray) -> tuple[world.ShapeObject, ...]:
         start = tuple(float(v) for v in np.clip((row[column:column + 2] + 1) / 2, 0.0, 1.0))
         objects.append(world.ShapeObject(chosen["color"], chosen["shape"], chosen["size"], chosen["motion"], speed, start))
     return tuple(objects)
+
+
+def describe_objects(objects: Sequence[world.ShapeObject]) -> str:
+    """A plan in words, e.g. "a small red circle moving right fast from (0.20, 0.50)", for people to read."""
+    def one(obj: world.ShapeObject) -> str:
+        motion = {"still": "staying still", "bounce": "bouncing", "grow": "growing", "shrink": "shrinking", "spin": "spinning"}.get(
+            obj.motion, f"moving {obj.motion}")
+        speed = f" {obj.speed}" if obj.speed else ""
+        return f"a {obj.size} {obj.color} {obj.shape} {motion}{speed} from ({obj.start[0]:.2f}, {obj.start[1]:.2f})"
+
+    return "; ".join(one(obj) for obj in objects) or "no objects"
