@@ -264,7 +264,9 @@ class TextToVideo:
         latent_shape = self.autoencoder.latent_shape(frames, height, width)
         layout = None
         if self.planner is not None:
-            plan = tuple(plan) if plan is not None else plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed))[0]
+            if plan is None:
+                plan = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed))[0]
+            plan = tuple(plan)
             layout = layout_maps([plan], (width, height), frames, self.fps, self.transformer.token_grid(latent_shape)).to(self.device)
         if self.denoiser is not self.transformer:  # compiled graphs are specialised to one prompt length
             text, mask = pad_tokens(text, mask, COMPILED_TEXT_MULTIPLE)

@@ -17,7 +17,6 @@ import copy
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -84,9 +83,9 @@ def planner_loss(planner: LayoutPlanner, slots, text, mask, canvas, generator=No
     t = torch.sigmoid(torch.randn(b, generator=generator))
     noise = torch.randn(slots.shape, generator=generator)
     prediction = planner(add_noise(slots, noise, t), t, text, mask, canvas)
-    weights = torch.ones(slots.shape[-1])
+    weights = torch.ones(slots.shape[-1], device=slots.device)
     weights[-2:] = start_weight
-    return ((prediction - velocity_target(slots, noise)) ** 2 * weights).sum(-1).mean() / weights.mean() / slots.shape[-1]
+    return ((prediction - velocity_target(slots, noise)) ** 2 * weights).mean() / weights.mean()
 
 
 def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None):
