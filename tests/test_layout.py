@@ -2,6 +2,7 @@
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 
 from kinetoscope.cli import main
 from kinetoscope.data import captions, world
-from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, in_mention_order, scene_to_slots, slots_to_objects
+from kinetoscope.data.layout import (MAX_OBJECTS, SILHOUETTE_CELLS, SLOT_FEATURES, in_mention_order, layout_inputs, scene_to_slots,
+                                     silhouette_channels, silhouette_maps, slots_to_objects)
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, canvas_condition
 from kinetoscope.pipelines.text_to_video import TextToVideo
@@ -192,6 +194,78 @@ def test_a_layout_input_starts_silent_and_only_a_layout_model_takes_one():
         other(latents, t, text, mask, layout=layout)
 
 
+def test_silhouettes_draw_what_each_colour_covers_in_every_frame_of_a_latent_step():
+    square = world.ShapeObject("blue", "square", "large", "right", "fast", (0.3, 0.5))
+    circle = world.ShapeObject("red", "circle", "small", "still", None, (0.8, 0.2))
+    assert silhouette_channels(4) == 8 * 4 * SILHOUETTE_CELLS ** 2
+    maps = silhouette_maps([(square, circle)], (192, 128), 17, 8.0, (5, 8, 12), 4)
+    assert maps.shape == (1, 5 * 8 * 12, silhouette_channels(4))
+    # Back to pictures: (colour, frame, rows, cols) at 4 cells a token, the first step's frame once.
+    cells = maps[0].reshape(5, 8, 12, 8, 4, 4, 4).permute(3, 0, 4, 1, 5, 2, 6).reshape(8, 20, 32, 48)
+    cells = torch.cat([cells[:, :1], cells[:, 4:]], dim=1)  # (colour, 17 frames, 32, 48)
+    colors = list(world.COLORS)
+    for index, obj in enumerate((square, circle)):
+        drawn = cells[colors.index(obj.color)].numpy()
+        assert np.allclose(drawn, world.coverage(obj, 48, 32, 17, 8.0), atol=1e-6)  # each frame as the world draws it
+    assert cells[[c for c in range(8) if colors[c] not in ("blue", "red")]].max() == 0
+    area = cells[colors.index("blue")].sum(dim=(1, 2))
+    assert torch.allclose(area, area[0], rtol=0.05)  # a moving square keeps its area
+    columns = cells[colors.index("blue")].sum(dim=1).argmax(dim=1)
+    assert columns[16] > columns[8] > columns[0]  # and travels right, frame by frame
+    picture = silhouette_maps([(square,)], (192, 128), 1, 8.0, (1, 8, 12), 4)[0].reshape(8, 12, 8, 4, 4, 4)
+    assert all(torch.equal(picture[..., k, :, :], picture[..., 0, :, :]) for k in range(4))  # an image: its frame in every slot
+    with pytest.raises(ValueError, match="do not make 5 latent steps of 4 frames"):
+        silhouette_maps([(square,)], (192, 128), 16, 8.0, (5, 8, 12), 4)
+    both = layout_inputs([(square, circle)], (192, 128), 17, 8.0, (5, 8, 12), 4)
+    assert both.shape[-1] == 11 + silhouette_channels(4) and torch.equal(both[..., 11:], maps)
+    assert layout_inputs([(square,)], (192, 128), 17, 8.0, (5, 8, 12), None).shape[-1] == 11
+
+
+def test_a_silhouette_input_grows_from_a_layout_model_and_counts_once_trained(tmp_path):
+    from kinetoscope.training.generator import start_from
+
+    torch.manual_seed(0)
+    layout_model = DiffusionTransformer(config_for("tiny", depth=1, latent_channels=4, layout_channels=11))
+    for parameter in layout_model.parameters():  # past adaLN-Zero's silent start
+        torch.nn.init.normal_(parameter, std=0.1)
+    layout_model.save_pretrained(tmp_path / "layout")
+    grown = DiffusionTransformer(replace(layout_model.cfg, silhouette_channels=64)).eval()
+    start_from(grown, str(tmp_path / "layout"))
+    latents, t = torch.randn(1, 4, 2, 4, 4), torch.tensor([0.5])
+    text, mask = torch.randn(1, 3, 384), torch.ones(1, 3, dtype=torch.bool)
+    heatmaps, silhouettes = torch.rand(1, 8, 11), torch.rand(1, 8, 64)
+    with torch.no_grad():
+        before = layout_model.eval()(latents, t, text, mask, layout=heatmaps)
+        assert torch.equal(grown(latents, t, text, mask, layout=torch.cat([heatmaps, silhouettes], -1)), before)  # silent until trained
+        torch.nn.init.normal_(grown.silhouette_in.weight, std=0.1)
+        assert not torch.allclose(grown(latents, t, text, mask, layout=torch.cat([heatmaps, silhouettes], -1)), before)
+        with pytest.raises(ValueError, match="11 heatmap and 64 silhouette channels per token, not 11"):
+            grown(latents, t, text, mask, layout=heatmaps)
+    with pytest.raises(ValueError, match="needs layout_channels too"):
+        config_for("tiny", silhouette_channels=64)
+
+
+def test_a_silhouette_model_trains_samples_and_is_refused_a_count_its_autoencoder_does_not_make(tmp_path):
+    torch.manual_seed(0)
+    planner_dir = tmp_path / "planner"
+    LayoutPlanner(TINY_PLANNER).save_pretrained(planner_dir)
+    final = train_generator_run(layout_recipe(tmp_path, planner_dir, "depth = 1, layout_channels = 11, silhouette_channels = 512"),
+                                tmp_path / "run")
+    pipe = TextToVideo.load(final)
+    assert pipe.transformer.cfg.silhouette_channels == silhouette_channels(pipe.autoencoder.cfg.temporal_factor) == 512
+    torch.nn.init.normal_(pipe.transformer.silhouette_in.weight)  # two steps leave it near its zero start: make it count
+    small = (world.ShapeObject("red", "square", "small", "still", None, (0.5, 0.5)),)
+    large = (world.ShapeObject("red", "square", "large", "still", None, (0.5, 0.5)),)  # the same centre: only the silhouette differs
+    one, other = (pipe("a red square", width=32, height=32, frames=5, steps=2, seed=4, plan=list(plan)) for plan in (small, large))
+    assert one.frames.shape == (5, 32, 32, 3) and not np.array_equal(one.frames, other.frames)
+    with pytest.raises(RecipeError, match="silhouette_channels must be 512"):
+        train_generator_run(layout_recipe(tmp_path, planner_dir, "depth = 1, layout_channels = 11, silhouette_channels = 64"),
+                            tmp_path / "wrong")
+    odd = DiffusionTransformer(replace(pipe.transformer.cfg, silhouette_channels=64))
+    with pytest.raises(ValueError, match="draws 512"):
+        TextToVideo(odd, pipe.autoencoder, pipe.text_encoder, planner=pipe.planner)
+
+
 def layout_recipe(tmp_path, planner_dir, overrides="depth = 1, layout_channels = 11") -> Path:
     recipe = tmp_path / "layout.toml"
     recipe.write_text(TINY_RECIPE.replace("overrides = { depth = 1 }", f"overrides = {{ {overrides} }}\nplanner = \"{planner_dir}\""))
@@ -241,7 +315,7 @@ def test_a_layout_model_trains_on_true_layouts_and_samples_its_planners(tmp_path
     video = student("a red square spins", width=32, height=32, frames=5, steps=2, guidance=2.0, seed=1)
     assert video.frames.shape == (5, 32, 32, 3) and video.plan is not None
     student_recipe.write_text(TINY_RECIPE.replace('size = "tiny"', f'size = "tiny"\ninit = "{final}"') + distill)
-    with pytest.raises(RecipeError, match="a layout model's student is one too"):
+    with pytest.raises(RecipeError, match="a layout model's student takes what its teacher does"):
         train_generator_run(student_recipe, tmp_path / "plain_student")
 
 

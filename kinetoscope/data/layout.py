@@ -7,6 +7,13 @@ is). Layout supervision trains a probe to predict them from the transformer's to
 `layout_channels` takes them as an input, so that where each object is has been decided before the
 denoiser paints it.
 
+Silhouettes (`silhouette_maps`): what each object covers, drawn with the world's own geometry at a
+resolution finer than the tokens (SILHOUETTE_CELLS x SILHOUETTE_CELLS cells per token, every frame
+a latent step stands for), one block of channels per colour. Heatmaps say where a centre is;
+a silhouette also says which shape, how big, and how it turns and moves from frame to frame, the
+attributes a small denoiser shown only centres gets wrong. Like a segmentation map given to an
+image model, it is drawn from a plan (the truth in training, the planner's objects at sampling).
+
 Slots (`scene_to_slots`, `slots_to_objects`): the objects of a scene as a (MAX_OBJECTS, SLOT_FEATURES)
 array a layout planner can generate, one row per object: whether the slot holds an object, one-hot
 colour, shape, size, motion and speed (as -1/+1), and the start centre (as -1..1 of the canvas).
@@ -34,6 +41,7 @@ SLOT_GROUPS = {  # name -> the choices its one-hot columns stand for, in column 
     "motion": world.MOTIONS,
     "speed": tuple(world.SPEEDS),
 }
+SILHOUETTE_CELLS = 4  # cells per token along each side; at 16-pixel tokens a cell is 4 pixels
 SLOT_FEATURES = 1 + sum(len(choices) for choices in SLOT_GROUPS.values()) + 2  # present, one-hots, start (x, y)
 
 
@@ -71,6 +79,45 @@ def layout_maps(clips: Sequence[Sequence[world.ShapeObject]], size: tuple[int, i
             for channel in (world.SHAPES.index(obj.shape), len(world.SHAPES) + list(world.COLORS).index(obj.color)):
                 np.maximum(maps[index, channel], heat, out=maps[index, channel])
     return torch.from_numpy(maps).flatten(2).transpose(1, 2)
+
+
+def silhouette_channels(frames_per_step: int) -> int:
+    """Silhouette channels per token for latents whose steps each stand for `frames_per_step` frames."""
+    return len(world.COLORS) * frames_per_step * SILHOUETTE_CELLS ** 2
+
+
+def silhouette_maps(clips: Sequence[Sequence[world.ShapeObject]], size: tuple[int, int], frames: int, fps: float,
+                    grid: tuple[int, int, int], frames_per_step: int) -> torch.Tensor:
+    """(B, N, silhouette_channels(frames_per_step)) how much of each cell of each token each colour's
+    objects cover, on the (T, H, W) token grid of clips of `size` (width, height) pixels and `frames`
+    frames. A token's channels run colour, frame of its step, cell row, cell column. The first latent
+    step stands for the first frame alone (the causal autoencoder's), drawn in each of its frame slots."""
+    t_steps, rows, cols = grid
+    if frames != 1 + (t_steps - 1) * frames_per_step:
+        raise ValueError(f"{frames} frames do not make {t_steps} latent steps of {frames_per_step} frames after the first")
+    cells = SILHOUETTE_CELLS
+    # Frame indices each step's slots show: step 0 the first frame throughout, step k frames (k-1)*f+1 .. k*f.
+    shown = np.concatenate([np.zeros(frames_per_step, dtype=int), np.arange(1, frames)])
+    per_color = frames_per_step * cells * cells
+    maps = np.zeros((len(clips), t_steps, rows, cols, len(world.COLORS) * per_color), dtype=np.float32)
+    for index, objects in enumerate(clips):
+        for obj in objects:
+            cover = world.coverage(obj, cols * cells, rows * cells, frames, fps)[shown]  # (T*f, rows*cells, cols*cells)
+            cover = cover.reshape(t_steps, frames_per_step, rows, cells, cols, cells).transpose(0, 2, 4, 1, 3, 5)
+            first = list(world.COLORS).index(obj.color) * per_color
+            block = slice(first, first + per_color)
+            np.maximum(maps[index, ..., block], cover.reshape(t_steps, rows, cols, per_color), out=maps[index, ..., block])
+    return torch.from_numpy(maps).flatten(1, 3)
+
+
+def layout_inputs(clips: Sequence[Sequence[world.ShapeObject]], size: tuple[int, int], frames: int, fps: float,
+                  grid: tuple[int, int, int], frames_per_step: int | None) -> torch.Tensor:
+    """(B, N, channels) what a layout model is shown: the centre heatmaps, then, given the frames per
+    latent step (a model with silhouette channels), the silhouettes."""
+    heatmaps = layout_maps(clips, size, frames, fps, grid)
+    if frames_per_step is None:
+        return heatmaps
+    return torch.cat([heatmaps, silhouette_maps(clips, size, frames, fps, grid, frames_per_step)], dim=-1)
 
 
 def scene_objects(scenes: Sequence[dict]) -> list[tuple[world.ShapeObject, ...]]:

@@ -300,26 +300,31 @@ def _signed_distance(shape: str, px: np.ndarray, py: np.ndarray, width: np.ndarr
     return -np.hypot(x, y) * np.sign(y)
 
 
+def coverage(obj: ShapeObject, width: int, height: int, frames: int, fps: float) -> np.ndarray:
+    """(frames, height, width) float32: how much of each pixel the object covers, anti-aliased
+    over one pixel, on a canvas of `width` x `height` pixels (any resolution of the same aspect
+    draws the same scene)."""
+    short = min(width, height)
+    times = np.arange(frames, dtype=np.float32) / fps
+    x, y, w, angle = (a.astype(np.float32)[:, None, None]
+                      for a in trajectory(obj, canvas_units(width, height), times, (frames - 1) / fps))
+    # Pixel centres in short-side units, broadcast as (1, H, W) against per-frame (T, 1, 1).
+    gx = ((np.arange(width, dtype=np.float32) + 0.5) / short)[None, None, :]
+    gy = ((np.arange(height, dtype=np.float32) + 0.5) / short)[None, :, None]
+    # Rotate pixels into the object's frame; a clockwise turn on screen (y down) is +angle.
+    dx, dy = gx - x, gy - y
+    cos, sin = np.cos(angle), np.sin(angle)
+    px, py = cos * dx + sin * dy, -sin * dx + cos * dy
+    return np.clip(0.5 - _signed_distance(obj.shape, px, py, w) * short, 0.0, 1.0)
+
+
 def render(scene: Scene, width: int, height: int, frames: int, fps: float) -> np.ndarray:
     """Render a scene to uint8 frames shaped (frames, height, width, 3), anti-aliased."""
     if width < 1 or height < 1 or frames < 1 or fps <= 0:
         raise ValueError(f"cannot render {width}x{height}, {frames} frames at {fps} fps")
-    short = min(width, height)
-    canvas = canvas_units(width, height)
-    times = np.arange(frames, dtype=np.float32) / fps
-    duration = (frames - 1) / fps
-    # Pixel centres in short-side units, broadcast as (1, H, W) against per-frame (T, 1, 1).
-    gx = ((np.arange(width, dtype=np.float32) + 0.5) / short)[None, None, :]
-    gy = ((np.arange(height, dtype=np.float32) + 0.5) / short)[None, :, None]
     image = np.empty((frames, height, width, 3), dtype=np.float32)
     image[:] = np.asarray(BACKGROUNDS[scene.background], dtype=np.float32)
     for obj in scene.objects:
-        x, y, w, angle = (a.astype(np.float32)[:, None, None] for a in trajectory(obj, canvas, times, duration))
-        # Rotate pixels into the object's frame; a clockwise turn on screen (y down) is +angle.
-        dx, dy = gx - x, gy - y
-        cos, sin = np.cos(angle), np.sin(angle)
-        px, py = cos * dx + sin * dy, -sin * dx + cos * dy
-        coverage = np.clip(0.5 - _signed_distance(obj.shape, px, py, w) * short, 0.0, 1.0)
         color = np.asarray(COLORS[obj.color], dtype=np.float32)
-        image += coverage[..., None] * (color - image)
+        image += coverage(obj, width, height, frames, fps)[..., None] * (color - image)
     return np.rint(image).astype(np.uint8)

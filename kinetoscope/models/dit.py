@@ -25,7 +25,10 @@ two for, so sampling costs half.
 Layout input: a model with `layout_channels` also takes, at every token, heatmaps of where each
 object's centre is (data/layout.py), from the clip's truth in training and from a layout planner
 (models/planner.py) at sampling. Where objects go, how many and of what kind, is then decided
-once, in a few numbers a small model can get right, and the denoiser paints what it is shown.
+once, in a few numbers a small model can get right, and the denoiser paints what it is shown. A
+model with `silhouette_channels` is also shown each object's silhouette, frame by frame, finer than
+its tokens (data/layout.py), through its own zero-initialised projection, so a model trained with
+heatmaps alone grows into one that takes both.
 
 Shapes: latents (B, C, T, H, W); text (B, L, D_text) with mask (B, L); tokens (B, N, D).
 """
@@ -57,6 +60,7 @@ class DiTConfig:
     local_mixing: bool = False  # a depthwise 3x3 convolution over each step's token grid inside each MLP (SANA's Mix-FFN)
     distilled_guidance: tuple[float, float] | None = None  # guidance scales it takes as an input; None: two passes at sampling
     layout_channels: int = 0  # heatmaps of object centres per token it takes as an input (data/layout.py); 0: none
+    silhouette_channels: int = 0  # object silhouettes per token it also takes after the heatmaps (data/layout.py); 0: none
 
     def __post_init__(self):
         self.patch = tuple(self.patch)
@@ -64,6 +68,8 @@ class DiTConfig:
             self.distilled_guidance = tuple(float(g) for g in self.distilled_guidance)
             if len(self.distilled_guidance) != 2 or not 0 <= self.distilled_guidance[0] <= self.distilled_guidance[1]:
                 raise ValueError(f"distilled_guidance must be (lowest, highest) scales with 0 <= lowest <= highest, not {self.distilled_guidance!r}")
+        if self.silhouette_channels and not self.layout_channels:
+            raise ValueError("silhouette_channels come after the centre heatmaps: a model with silhouettes needs layout_channels too")
         if self.dim % self.heads or (self.dim // self.heads) % 2 or self.dim // self.heads < 6:
             raise ValueError(f"dim {self.dim} over {self.heads} heads must give an even head size of at least 6 "
                              "(rotary positions turn pairs of features, at least one pair per axis)")
@@ -257,6 +263,7 @@ class DiffusionTransformer(Pretrained, nn.Module):
         self.estimate_in = nn.Linear(patch_dim, d) if cfg.self_condition else None
         # No bias, so that an all-zero layout (no object anywhere, or none given) adds nothing.
         self.layout_in = nn.Linear(cfg.layout_channels, d, bias=False) if cfg.layout_channels else None
+        self.silhouette_in = nn.Linear(cfg.silhouette_channels, d, bias=False) if cfg.silhouette_channels else None
         self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.guidance_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d)) if cfg.distilled_guidance else None
         self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
@@ -284,7 +291,7 @@ class DiffusionTransformer(Pretrained, nn.Module):
         nn.init.zeros_(self.patch_out.weight)
         nn.init.zeros_(self.patch_out.bias)
         guidance_out = self.guidance_mlp[-1] if self.guidance_mlp is not None else None
-        for extra_input in (self.canvas_in, self.estimate_in, self.layout_in, guidance_out, *(block.local_mix for block in self.blocks)):
+        for extra_input in (self.canvas_in, self.estimate_in, self.layout_in, self.silhouette_in, guidance_out, *(block.local_mix for block in self.blocks)):
             if extra_input is not None:  # start silent, so weights trained without them keep working
                 nn.init.zeros_(extra_input.weight)
                 if extra_input.bias is not None:
@@ -319,8 +326,9 @@ class DiffusionTransformer(Pretrained, nn.Module):
         self-conditioned model; None means no estimate yet (zeros). Other models refuse one.
         guidance (B,): the scale of classifier-free guidance a guidance-distilled model gives the
         velocity of; such a model needs it, others refuse it.
-        layout (B, N, layout_channels): heatmaps of the object centres at each token, for a model
-        that takes them; None means no layout (zeros), as with the empty prompt. Others refuse one.
+        layout (B, N, layout_channels + silhouette_channels): heatmaps of the object centres at each
+        token (and the silhouettes), for a model that takes them; None means no layout (zeros), as
+        with the empty prompt. Others refuse one.
         """
         b, c, lt, lh, lw = latents.shape
         pt, ph, pw = self.cfg.patch
@@ -334,7 +342,13 @@ class DiffusionTransformer(Pretrained, nn.Module):
         if layout is not None:
             if self.layout_in is None:
                 raise ValueError("this model takes no layout; it was trained without layout_channels")
-            x = x + self.layout_in(layout.to(x.dtype))
+            if layout.shape[-1] != self.cfg.layout_channels + self.cfg.silhouette_channels:
+                raise ValueError(f"this model takes {self.cfg.layout_channels} heatmap and {self.cfg.silhouette_channels} "
+                                 f"silhouette channels per token, not {layout.shape[-1]} in all")
+            layout = layout.to(x.dtype)
+            x = x + self.layout_in(layout[..., :self.cfg.layout_channels])
+            if self.silhouette_in is not None:
+                x = x + self.silhouette_in(layout[..., self.cfg.layout_channels:])
         if self.canvas_in is not None:
             x = x + self.canvas_in(canvas_features(grid, self.cfg.canvas_frequencies, latents.device))
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)

@@ -27,7 +27,7 @@ import torch
 
 from kinetoscope.data import world
 from kinetoscope.data.dataset import clip_to_tensor, tensor_to_clip
-from kinetoscope.data.layout import LAYOUT_CHANNELS, MAX_OBJECTS, layout_maps
+from kinetoscope.data.layout import LAYOUT_CHANNELS, MAX_OBJECTS, layout_inputs, silhouette_channels
 from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, add_noise, predicted_clean
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer
@@ -97,6 +97,10 @@ class TextToVideo:
                  sampling: SamplingSettings | None = None, planner: LayoutPlanner | None = None):
         if transformer.cfg.layout_channels not in (0, LAYOUT_CHANNELS):
             raise ValueError(f"the transformer takes {transformer.cfg.layout_channels} layout channels; this version draws {LAYOUT_CHANNELS}")
+        if transformer.cfg.silhouette_channels not in (0, silhouette_channels(autoencoder.cfg.temporal_factor)):
+            raise ValueError(f"the transformer takes {transformer.cfg.silhouette_channels} silhouette channels; with this autoencoder's "
+                             f"{autoencoder.cfg.temporal_factor} frames per latent step this version draws "
+                             f"{silhouette_channels(autoencoder.cfg.temporal_factor)}")
         if bool(transformer.cfg.layout_channels) != (planner is not None):
             raise ValueError("a layout model needs its layout planner (pipeline.json \"planner\")" if planner is None
                              else "a layout planner serves only a transformer that takes a layout")
@@ -267,7 +271,9 @@ class TextToVideo:
             if plan is None:
                 plan = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed))[0]
             plan = tuple(plan)
-            layout = layout_maps([plan], (width, height), frames, self.fps, self.transformer.token_grid(latent_shape)).to(self.device)
+            frames_per_step = self.autoencoder.cfg.temporal_factor if self.transformer.cfg.silhouette_channels else None
+            layout = layout_inputs([plan], (width, height), frames, self.fps, self.transformer.token_grid(latent_shape),
+                                   frames_per_step).to(self.device)
         if self.denoiser is not self.transformer:  # compiled graphs are specialised to one prompt length
             text, mask = pad_tokens(text, mask, COMPILED_TEXT_MULTIPLE)
         timings["text"] = self._clock() - start  # a layout model's planning included

@@ -19,7 +19,9 @@ against the velocity loss.
 A layout model (`[model] overrides = { layout_channels = 11 }`) takes the heatmaps of each clip's
 true object centres (data/layout.py) as an input, dropped with the caption; `[model] planner` names
 the layout planner (training/planner.py) that writes them at sampling, for the samples here and in
-the export, which carries a copy of it. Distilling a layout model shows the student and the
+the export, which carries a copy of it. With `silhouette_channels` as well (data/layout.py's
+silhouette_channels of the autoencoder's frames per latent step), it is also shown each object's
+silhouette, drawn from the same objects. Distilling a layout model shows the student and the
 teacher's conditional pass the true layout, and the teacher's unconditional pass none, as sampling does.
 """
 
@@ -41,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kinetoscope.data.captions import PromptError, parse_prompt
-from kinetoscope.data.layout import LAYOUT_CHANNELS, layout_maps, scene_objects
+from kinetoscope.data.layout import LAYOUT_CHANNELS, layout_inputs, layout_maps, scene_objects, silhouette_channels
 from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, predicted_clean, velocity_target
 from kinetoscope.models.autoencoder import VideoAutoencoder, default_weights_dir
 from kinetoscope.models.dit import DiffusionTransformer, config_for
@@ -210,7 +212,7 @@ def own_estimate(model, noisy, t, text, mask, generator=None, layout=None):
 
 def start_from(model: DiffusionTransformer, directory: str):
     """Load exported weights into `model`, which may be deeper, add canvas positions, add
-    self-conditioning, add local mixing, take a distilled guidance scale or a layout: new blocks are appended
+    self-conditioning, add local mixing, take a distilled guidance scale, a layout or silhouettes: new blocks are appended
     and, like the new inputs and convolutions, start silent (adaLN-Zero, zero weights), so training
     continues from the same predictions."""
     try:
@@ -219,21 +221,28 @@ def start_from(model: DiffusionTransformer, directory: str):
         raise RecipeError(f"[model] init: {error}") from None
     growable = {"depth": model.cfg.depth, "canvas_frequencies": model.cfg.canvas_frequencies,
                 "self_condition": model.cfg.self_condition, "local_mixing": model.cfg.local_mixing,
-                "distilled_guidance": model.cfg.distilled_guidance, "layout_channels": model.cfg.layout_channels}
+                "distilled_guidance": model.cfg.distilled_guidance, "layout_channels": model.cfg.layout_channels,
+                "silhouette_channels": model.cfg.silhouette_channels}
     grows = (model.cfg.depth >= start.cfg.depth and start.cfg.canvas_frequencies in (0, model.cfg.canvas_frequencies)
              and start.cfg.self_condition <= model.cfg.self_condition and start.cfg.local_mixing <= model.cfg.local_mixing
              and start.cfg.distilled_guidance in (None, model.cfg.distilled_guidance)
-             and start.cfg.layout_channels in (0, model.cfg.layout_channels))
+             and start.cfg.layout_channels in (0, model.cfg.layout_channels)
+             and start.cfg.silhouette_channels in (0, model.cfg.silhouette_channels))
     if replace(start.cfg, **growable) != model.cfg or not grows:
         raise RecipeError(f"[model] init {directory} is a {start.cfg}; the recipe's {model.cfg} can only add blocks, "
-                          "canvas positions, self-conditioning, local mixing, a guidance input or a layout input")
+                          "canvas positions, self-conditioning, local mixing, a guidance input, a layout input or silhouettes")
     model.load_state_dict(start.float().state_dict(), strict=False)
 
 
-def load_planner(settings: dict, layout_channels: int) -> LayoutPlanner | None:
-    """[model] planner, the layout planner of a layout model (and only of one), checked."""
+def load_planner(settings: dict, cfg, frames_per_step: int) -> LayoutPlanner | None:
+    """[model] planner, the layout planner of a layout model (and only of one), checked, with the
+    model's layout inputs: heatmaps, and silhouettes for latent steps of `frames_per_step` frames."""
     from kinetoscope.pipelines.layout import check_planner
 
+    layout_channels = cfg.layout_channels
+    if cfg.silhouette_channels not in (0, silhouette_channels(frames_per_step)):
+        raise RecipeError(f"[model] overrides silhouette_channels must be {silhouette_channels(frames_per_step)} (a colour's cells "
+                          f"in each of the autoencoder's {frames_per_step} frames per latent step), not {cfg.silhouette_channels}")
     if not layout_channels:
         if "planner" in settings:
             raise RecipeError("[model] planner writes the layout of a layout model; this one has no layout_channels")
@@ -323,10 +332,12 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     layout = layout_setting(settings, model.cfg.depth)
     if teacher is not None and layout is not None:
         raise RecipeError("[train] layout_loss trains a model from data, not a guidance-distilled student")
-    if teacher is not None and teacher.cfg.layout_channels != model.cfg.layout_channels:
-        raise RecipeError(f"[distill] the teacher takes {teacher.cfg.layout_channels} layout channels and the student "
-                          f"{model.cfg.layout_channels}: a layout model's student is one too ([model] overrides layout_channels)")
-    planner = load_planner(recipe["model"], model.cfg.layout_channels)
+    if teacher is not None and (teacher.cfg.layout_channels, teacher.cfg.silhouette_channels) != (
+            model.cfg.layout_channels, model.cfg.silhouette_channels):
+        raise RecipeError(f"[distill] the teacher takes {teacher.cfg.layout_channels} heatmap and {teacher.cfg.silhouette_channels} "
+                          f"silhouette channels and the student {model.cfg.layout_channels} and {model.cfg.silhouette_channels}: "
+                          "a layout model's student takes what its teacher does ([model] overrides)")
+    planner = load_planner(recipe["model"], model.cfg, autoencoder.cfg.temporal_factor)
     run = RunDirectory(output or settings["output"])  # only once the recipe is known to describe a run
     ema = copy.deepcopy(model).requires_grad_(False)
     probe = LayoutProbe(model.cfg.dim).to(device) if layout else None
@@ -372,11 +383,14 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         batch = next(stream)
         latents, text, mask = to_latents(batch)
         bucket = batch["bucket"]
-        targets = None
-        if probe is not None or planner is not None:
-            targets = layout_maps(scene_objects(batch["scene"]), (bucket.width, bucket.height), bucket.frames, recipe["data"]["fps"],
-                                  unwrap(model).token_grid(latents.shape)).to(device)
-        return latents, text, mask, targets, bucket
+        targets = shown = None
+        objects, size, grid = scene_objects(batch["scene"]), (bucket.width, bucket.height), unwrap(model).token_grid(latents.shape)
+        if probe is not None:
+            targets = layout_maps(objects, size, bucket.frames, recipe["data"]["fps"], grid).to(device)
+        if planner is not None:
+            frames_per_step = autoencoder.cfg.temporal_factor if unwrap(model).cfg.silhouette_channels else None
+            shown = layout_inputs(objects, size, bucket.frames, recipe["data"]["fps"], grid, frames_per_step).to(device)
+        return latents, text, mask, targets, shown, bucket
 
     pool = BatchPool(encoded_batch, reuse, seed=process_seed)
     band_losses = [[] for _ in range(len(TIME_BUCKETS) - 1)]  # rank 0's, since the last log record
@@ -389,16 +403,16 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     bar = tqdm(total=total_steps, initial=step, desc="generator", dynamic_ncols=True, disable=not main_process)
     model.train()
     while (fraction := agreed(run_progress(step, total_steps, clock.elapsed, minutes), world_size, device)) < 1.0:
-        latents, text, mask, targets, bucket = pool.next()
+        latents, text, mask, targets, shown, bucket = pool.next()
         lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if teacher is not None:
             per_sample, t = distillation_loss(model, teacher, latents, text, mask, schedule, guidance_range, window=window,
-                                              layout=targets if planner is not None else None)
+                                              layout=shown)
         else:
             per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"], window=window,
-                                           layout=targets if planner is not None else None)
+                                           layout=shown)
         loss = per_sample.mean()
         probe_loss = layout_loss(probe, hidden, targets).mean() if probe is not None else None
         optimizer.zero_grad(set_to_none=True)
