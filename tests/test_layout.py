@@ -109,6 +109,23 @@ def test_the_planner_tells_its_slots_apart_and_hears_the_canvas():
     assert not torch.allclose(planner(slots, t, text, mask, canvas.flip(0)), out)  # the canvas matters
 
 
+def test_lead_ins_move_a_caption_along_and_leave_its_slots_in_mention_order():
+    from kinetoscope.training.planner import LEAD_INS, SceneBatches
+
+    class Captions:  # records the texts a batch encodes
+        def encode(self, texts):
+            self.texts = texts
+            return torch.zeros(len(texts), 4, 384), torch.ones(len(texts), 4, dtype=torch.bool)
+
+    led = Captions()
+    slots = SceneBatches({"buckets": ["64x64x17"], "fps": 8.0, "batch_size": 6, "seed": 3, "lead_in_rate": 1.0}, led, seed=3)()[0]
+    for text, rows in zip(led.texts, slots.numpy()):
+        lead_in = next(lead_in for lead_in in LEAD_INS if text.startswith(lead_in))
+        named = [obj.color for obj in captions.parse_prompt(text[len(lead_in):]).objects]
+        assert list(dict.fromkeys(obj.color for obj in slots_to_objects(rows))) == list(dict.fromkeys(named))  # a group fills slots in turn
+    assert not set(captions._tokenize(" ".join(LEAD_INS))) & (captions.HELDOUT_WORDS | set(world.COLORS) | {"background", "there"})
+
+
 def test_planner_steps_lower_its_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     planner = LayoutPlanner(TINY_PLANNER)
@@ -164,6 +181,9 @@ def test_planner_training_resumes_exports_and_is_scored_by_the_judge(tmp_path, c
         train_planner(str(recipe), output=str(tmp_path / "other"))
     recipe.write_text(PLANNER_RECIPE.replace("reuse = 1", "reuse = 1\nstart_weight = 0"))
     with pytest.raises(RecipeError, match="start_weight"):
+        train_planner(str(recipe), output=str(tmp_path / "other"))
+    recipe.write_text(PLANNER_RECIPE.replace("seed = 5", "seed = 5\nlead_in_rate = 1.5"))
+    with pytest.raises(RecipeError, match="lead_in_rate"):
         train_planner(str(recipe), output=str(tmp_path / "other"))
 
     report = tmp_path / "plans.json"
@@ -387,7 +407,7 @@ def test_plans_rendered_by_the_world_are_judged_like_videos():
     assert verdict.passed  # a plan that is the truth passes, so the judge can score plans
 
 
-def test_the_world_allows_only_plans_it_could_draw_and_planning_keeps_the_first_of_those(monkeypatch):
+def test_the_world_allows_only_plans_it_could_draw_and_planning_keeps_the_consensus_of_those(monkeypatch):
     from kinetoscope.pipelines import layout as planning
 
     scene = world.sample_scene(np.random.default_rng(4), 1.0, 2.0)
@@ -397,13 +417,20 @@ def test_the_world_allows_only_plans_it_could_draw_and_planning_keeps_the_first_
     assert not world.is_possible([still, world.ShapeObject("blue", "circle", "medium", "still", None, (0.55, 0.5))], 1.0, 2.0)  # touching
     assert not world.is_possible([world.ShapeObject("red", "square", "medium", "right", "fast", (0.8, 0.5))], 1.0, 2.0)  # leaves the canvas
 
-    overlapping = [still, world.ShapeObject("blue", "circle", "small", "still", None, (0.5, 0.5))]
-    apart = [still, world.ShapeObject("blue", "circle", "small", "still", None, (0.25, 0.25))]
-    drawn = [overlapping, apart, overlapping]  # the planner's tries, in order
+    def blue_circle(motion, start):
+        return world.ShapeObject("blue", "circle", "small", motion, "slow" if motion == "up" else None, start)
+
+    overlapping = [still, blue_circle("still", (0.5, 0.5))]
+    rare = [still, blue_circle("bounce", (0.25, 0.25))]  # allowed, but the only draw reading the circle as bouncing, above left
+    likely = [still, blue_circle("still", (0.8, 0.75))]  # still and below right of the square, as most draws have it
+    also_likely = [still, blue_circle("up", (0.8, 0.8))]
+    drawn = [overlapping, rare, likely, also_likely]  # the planner's tries, in order
     monkeypatch.setattr(planning, "euler_sample", lambda velocity, noise, times: torch.from_numpy(
         np.stack([scene_to_slots(objects) for objects in drawn])))
     planner = LayoutPlanner(TINY_PLANNER)
     text, mask = torch.randn(1, 4, 384), torch.ones(1, 4, dtype=torch.bool)
-    assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3) == [tuple(apart)]
-    drawn = [overlapping, overlapping]
-    assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=2) == [tuple(overlapping)]  # none allowed: the first
+    assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=4) == [slots_to_objects(scene_to_slots(likely))]
+    drawn = [[still, blue_circle("bounce", (0.5, 0.5))], overlapping, [still, blue_circle("still", (0.52, 0.5))]]
+    assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3) == [tuple(overlapping)]  # none allowed: the consensus of all
+    assert planning.plan_traits(tuple(likely)) >= {("count", 2), (1, "motion", "still"), (0, 1, 0, 1), (0, 1, 1, 1)}
+    assert (0, 1, 0, 0) in planning.plan_traits(tuple(overlapping))  # level within RELATION_MARGIN

@@ -15,8 +15,8 @@ def register(subparsers):
     evaluate.add_argument("--weights", required=True, help="planner folder (config.json + model.safetensors), or a layout model's")
     evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
     evaluate.add_argument("--prompt-seed", type=common.seed, default=777, help="which seeded sample of held-out prompts (default 777)")
-    evaluate.add_argument("--tries", type=common.positive_int, default=8,  # pipelines.layout.PLAN_TRIES, named here so --help needs no torch
-                          help="plans drawn per prompt, of which the first the world allows is kept (default 8, as generation does; 1: the planner alone)")
+    evaluate.add_argument("--tries", type=common.positive_int, default=32,  # pipelines.layout.PLAN_TRIES, named here so --help needs no torch
+                          help="plans drawn per prompt, of which the consensus of those the world allows is kept (default 32, as generation does; 1: the planner alone)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
     evaluate.set_defaults(handler=run_eval)
 

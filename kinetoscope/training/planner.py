@@ -38,14 +38,23 @@ REQUIRED = {
 }
 KNOWN = {
     "model": ("dim", "depth", "heads", "mlp_ratio"),
-    "data": REQUIRED["data"],
+    "data": (*REQUIRED["data"], "lead_in_rate"),
     "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight"),
     "eval": REQUIRED["eval"],
 }
 
 
+# Words before a caption that say nothing of its scene. Every training caption starts with its first
+# object, so a planner can learn to read slot 0 at the caption's first tokens: given "against a black
+# background, a red ball ..." (a held-out form) it then read the ball into two slots. A lead-in now
+# and then moves the objects along, and none of these is a held-out form or word.
+LEAD_INS = ("here, ", "scene: ", "we see ", "in this clip, ", "the video shows ", "a short video: ", "look closely: ",
+            "in the following short clip, ", "this is a video in which ")
+
+
 class SceneBatches:
-    """Training scenes and their captions, as (slots (B, S, F), text (B, L, D), mask (B, L), canvas (B, 2))."""
+    """Training scenes and their captions, as (slots (B, S, F), text (B, L, D), mask (B, L), canvas (B, 2)),
+    a share `lead_in_rate` of the captions after one of the LEAD_INS."""
 
     def __init__(self, data: dict, text_encoder: TextEncoder, seed: int):
         try:
@@ -57,6 +66,9 @@ class SceneBatches:
         if isinstance(data["batch_size"], bool) or not isinstance(data["batch_size"], int) or data["batch_size"] < 1:
             raise RecipeError(f"[data] batch_size must be a whole number of at least 1, not {data['batch_size']!r}")
         self.fps, self.batch_size = float(data["fps"]), data["batch_size"]
+        self.lead_in_rate = data.get("lead_in_rate", 0.0)
+        if isinstance(self.lead_in_rate, bool) or not isinstance(self.lead_in_rate, (int, float)) or not 0 <= self.lead_in_rate <= 1:
+            raise RecipeError(f"[data] lead_in_rate must be a number from 0 to 1, not {self.lead_in_rate!r}")
         self.text_encoder = text_encoder
         self.rng = np.random.default_rng(seed)
 
@@ -68,6 +80,8 @@ class SceneBatches:
             scene = world.sample_scene(self.rng, bucket.width / bucket.height, max(seconds, 1 / self.fps), captions.TRAIN_SCENES)
             caption = captions.caption_variants(scene, self.rng, count=1, split="train")[0]
             slots.append(scene_to_slots(in_mention_order(scene.objects, caption)))
+            if self.rng.random() < self.lead_in_rate:
+                caption = LEAD_INS[self.rng.integers(len(LEAD_INS))] + caption
             texts.append(caption)
             canvases.append(canvas_condition(bucket.width, bucket.height, seconds))
         text, mask = self.text_encoder.encode(texts)
