@@ -161,6 +161,14 @@ def test_the_planner_loss_weighs_the_starts_as_asked():
         torch.testing.assert_close(loss, expected)
 
 
+def assert_refused(recipe, output, cases):
+    """Each (recipe text, error pattern) refused before training starts."""
+    for text, error in cases:
+        recipe.write_text(text)
+        with pytest.raises(RecipeError, match=error):
+            train_planner(str(recipe), output=str(output))
+
+
 def test_planner_training_resumes_exports_and_is_scored_by_the_judge(tmp_path, capsys):
     recipe = tmp_path / "planner.toml"
     recipe.write_text(PLANNER_RECIPE)
@@ -176,23 +184,69 @@ def test_planner_training_resumes_exports_and_is_scored_by_the_judge(tmp_path, c
     with pytest.raises(RecipeError, match="different recipe"):
         recipe.write_text(PLANNER_RECIPE.replace("lr = 1e-3", "lr = 2e-3"))
         train_planner(str(recipe), output=str(output), steps=6)
-    recipe.write_text(PLANNER_RECIPE.replace("batch_size = 8", "batch_size = 0"))
-    with pytest.raises(RecipeError, match="batch_size"):
-        train_planner(str(recipe), output=str(tmp_path / "other"))
-    recipe.write_text(PLANNER_RECIPE.replace("reuse = 1", "reuse = 1\nstart_weight = 0"))
-    with pytest.raises(RecipeError, match="start_weight"):
-        train_planner(str(recipe), output=str(tmp_path / "other"))
-    recipe.write_text(PLANNER_RECIPE.replace("seed = 5", "seed = 5\nlead_in_rate = 1.5"))
-    with pytest.raises(RecipeError, match="lead_in_rate"):
-        train_planner(str(recipe), output=str(tmp_path / "other"))
+    assert_refused(recipe, tmp_path / "other", ((PLANNER_RECIPE.replace("batch_size = 8", "batch_size = 0"), "batch_size"),
+                                                (PLANNER_RECIPE.replace("reuse = 1", "reuse = 1\nstart_weight = 0"), "start_weight"),
+                                                (PLANNER_RECIPE.replace("seed = 5", "seed = 5\nlead_in_rate = 1.5"), "lead_in_rate")))
 
     report = tmp_path / "plans.json"
     assert main(["planner", "eval", "--weights", str(final), "--per-tier", "3", "--report", str(report)]) == 0
     result = json.loads(report.read_text())
     assert {tier: scores["prompts"] for tier, scores in result["tiers"].items()} == {"unseen combinations": 3, "unseen phrasings": 3}
     assert "prompts fully right" in capsys.readouterr().out
+    assert result["guidance"] == 1.0
+    assert main(["planner", "eval", "--weights", str(final), "--guidance", "-1"]) == 2
+    assert "guidance must be between" in capsys.readouterr().err
     assert main(["planner", "eval", "--weights", str(tmp_path / "nowhere")]) == 2
     assert "no layout planner checkpoint" in capsys.readouterr().err
+
+
+def test_planner_guidance_weighs_the_prompt_against_the_empty_prompt_it_was_trained_to_answer(monkeypatch):
+    from kinetoscope.pipelines import layout as planning
+
+    torch.manual_seed(0)
+    planner = LayoutPlanner(replace(TINY_PLANNER, guidance=3.0))
+    for parameter in planner.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    text, mask = torch.randn(2, 5, 384), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    dropped_text, dropped_mask = planner.drop_text(text, mask, torch.tensor([False, True]))
+    assert torch.equal(dropped_text[0], text[0]) and torch.equal(dropped_mask[0], mask[0])
+    assert not dropped_text[1].any() and dropped_mask[1].tolist() == [True, False, False, False, False]
+    slots, t, canvas = torch.randn(1, 3, SLOT_FEATURES), torch.tensor([0.4]), canvas_condition(64, 64, 2.0)[None]
+    empty = planner.drop_text(text[:1], mask[:1], torch.tensor([True]))
+    other_empty = planner.drop_text(torch.randn(1, 5, 384), mask[:1], torch.tensor([True]))
+    torch.testing.assert_close(planner(slots, t, *empty, canvas), planner(slots, t, *other_empty, canvas))  # no prompt shows through
+
+    seen = {}
+    monkeypatch.setattr(planning, "euler_sample", lambda velocity, noise, times: seen.setdefault("v", velocity(noise, times[0].expand(len(noise)))))
+    planning.plan_objects(planner, text[:1], mask[:1], 64, 64, 2.0, torch.Generator().manual_seed(1), tries=2)
+    noise = torch.randn((2, 3, SLOT_FEATURES), generator=torch.Generator().manual_seed(1))
+    conditional = planner(noise, torch.ones(2), text[:1].expand(2, -1, -1), mask[:1].expand(2, -1), canvas.expand(2, -1))
+    unconditional = planner(noise, torch.ones(2), *(v.expand(2, *v.shape[1:]) for v in empty), canvas.expand(2, -1))
+    torch.testing.assert_close(seen.pop("v"), unconditional + 3.0 * (conditional - unconditional), rtol=1e-4, atol=1e-4)  # the planner's own guidance
+    planning.plan_objects(planner, text[:1], mask[:1], 64, 64, 2.0, torch.Generator().manual_seed(1), tries=2, guidance=1.0)
+    torch.testing.assert_close(seen.pop("v"), conditional, rtol=1e-4, atol=1e-4)  # guidance 1: the prompt alone, in one pass
+
+    rng = np.random.default_rng(1)
+    scenes = torch.from_numpy(np.stack([scene_to_slots(world.sample_scene(rng).objects) for _ in range(4)]))
+    canvases = canvas.expand(4, -1)
+    losses = [planner_loss(planner, scenes, prompts, torch.ones(4, 5, dtype=torch.bool), canvases, torch.Generator().manual_seed(7),
+                           caption_dropout=0.999) for prompts in (torch.randn(4, 5, 384), torch.randn(4, 5, 384))]
+    torch.testing.assert_close(*losses)  # every caption dropped: the loss of the empty prompt's plans
+
+
+def test_planner_training_continues_from_exported_weights_with_caption_dropout(tmp_path):
+    recipe = tmp_path / "planner.toml"
+    recipe.write_text(PLANNER_RECIPE)
+    first = train_planner(str(recipe), output=str(tmp_path / "first"), steps=1)
+    guided = PLANNER_RECIPE.replace("heads = 2", f"heads = 2\nguidance = 2.5\ninit = '{first}'").replace("reuse = 1", "reuse = 1\ncaption_dropout = 0.2")
+    recipe.write_text(guided)
+    final = train_planner(str(recipe), output=str(tmp_path / "guided"), steps=1)
+    continued = LayoutPlanner.from_pretrained(final)
+    assert continued.cfg.guidance == 2.5
+    assert any(not torch.equal(a, b) for a, b in zip(continued.state_dict().values(), LayoutPlanner.from_pretrained(first).state_dict().values()))
+    assert_refused(recipe, tmp_path / "other", ((guided.replace("caption_dropout = 0.2", "caption_dropout = 0"), "needs \\[train\\] caption_dropout"),
+                                                (guided.replace("caption_dropout = 0.2", "caption_dropout = 1"), "caption_dropout must be"),
+                                                (guided.replace("dim = 32", "dim = 64"), "init")))
 
 
 def test_a_layout_input_starts_silent_and_only_a_layout_model_takes_one():

@@ -39,6 +39,7 @@ class PlannerConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     text_dim: int = 384
+    guidance: float = 1.0  # classifier-free guidance its plans are drawn with: above 1 only once trained with caption dropout
 
     def block_config(self) -> DiTConfig:
         return DiTConfig(dim=self.dim, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio, text_dim=self.text_dim)
@@ -75,6 +76,15 @@ class LayoutPlanner(Pretrained, nn.Module):
         for layer in (*(block.adaLN for block in self.blocks), *(block.cross.proj for block in self.blocks), self.adaLN_out, self.slots_out):
             nn.init.zeros_(layer.weight)  # adaLN-Zero, as the denoiser
             nn.init.zeros_(layer.bias)
+
+    @staticmethod
+    def drop_text(text, text_mask, drop):
+        """The prompts where drop (B,) is True replaced by the empty prompt: one token of zeros, which
+        the text projection reads as its bias. Caption dropout in training, and the unconditional pass
+        of guidance, with no weights a planner trained without it lacks."""
+        null_mask = torch.zeros_like(text_mask)
+        null_mask[:, 0] = True
+        return text.masked_fill(drop[:, None, None], 0.0), torch.where(drop[:, None], null_mask, text_mask)
 
     def forward(self, slots, t, text, text_mask, canvas):
         """slots (B, S, F) noised to t (B,) in [0, 1], text (B, L, text_dim), text_mask (B, L), canvas (B, 2) -> velocity (B, S, F)."""

@@ -40,17 +40,29 @@ def check_planner(planner: LayoutPlanner):
 
 @torch.no_grad()
 def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor, width: int, height: int, seconds: float,
-                 generator: torch.Generator, steps: int = PLAN_STEPS, tries: int = PLAN_TRIES) -> list[tuple[world.ShapeObject, ...]]:
+                 generator: torch.Generator, steps: int = PLAN_STEPS, tries: int = PLAN_TRIES,
+                 guidance: float | None = None) -> list[tuple[world.ShapeObject, ...]]:
     """The objects the planner places for each prompt (text (B, L, D), mask (B, L)) on a canvas of
     width x height pixels lasting `seconds`, seeded by `generator`: of `tries` plans each, the
-    consensus of those the world allows, or of all where none is."""
+    consensus of those the world allows, or of all where none is. Drawn with classifier-free
+    `guidance` (None: the planner's own, `cfg.guidance`)."""
     device = text.device
     b = text.shape[0]
+    guidance = planner.cfg.guidance if guidance is None else guidance
     text, mask = text.repeat_interleave(tries, 0), mask.repeat_interleave(tries, 0)  # prompt i's tries are rows i*tries...
     canvas = canvas_condition(width, height, seconds).to(device).expand(b * tries, -1)
     noise = torch.randn((b * tries, planner.cfg.slots, planner.cfg.features), generator=generator).to(device)
     times = torch.linspace(1.0, 0.0, steps + 1, device=device)
-    slots = euler_sample(lambda x, t: planner(x, t, text, mask, canvas).float(), noise, times).cpu().numpy()
+    if guidance == 1:
+        velocity = lambda x, t: planner(x, t, text, mask, canvas).float()  # noqa: E731
+    else:  # one pass over the prompts and the empty prompt together
+        dropped = torch.arange(2 * b * tries, device=device) >= b * tries
+        both_text, both_mask = planner.drop_text(text.repeat(2, 1, 1), mask.repeat(2, 1), dropped)
+
+        def velocity(x, t):
+            conditional, unconditional = planner(x.repeat(2, 1, 1), t.repeat(2), both_text, both_mask, canvas.repeat(2, 1)).float().chunk(2)
+            return unconditional + guidance * (conditional - unconditional)
+    slots = euler_sample(velocity, noise, times).cpu().numpy()
     plans = []
     for prompt in range(b):
         drawn = [slots_to_objects(row) for row in slots[prompt * tries:(prompt + 1) * tries]]
@@ -84,17 +96,18 @@ class PlannedScenes:
     itself on the prompt's background (black where it names none; the planner places objects only)."""
 
     def __init__(self, planner: LayoutPlanner, text_encoder: TextEncoder, fps: float = 8.0, size: tuple[int, int] = (128, 128),
-                 tries: int = PLAN_TRIES):
+                 tries: int = PLAN_TRIES, guidance: float | None = None):
         check_planner(planner)
         self.planner = planner.eval()
         self.text_encoder = text_encoder
         self.fps = fps
         self.size = size
         self.tries = tries
+        self.guidance = guidance
 
     @classmethod
-    def load(cls, weights: str | Path, tries: int = PLAN_TRIES) -> "PlannedScenes":
-        return cls(LayoutPlanner.from_pretrained(weights), TextEncoder.load("cpu"), tries=tries)
+    def load(cls, weights: str | Path, tries: int = PLAN_TRIES, guidance: float | None = None) -> "PlannedScenes":
+        return cls(LayoutPlanner.from_pretrained(weights), TextEncoder.load("cpu"), tries=tries, guidance=guidance)
 
     def frames_for(self, seconds: float) -> int:
         return 1 + round(seconds * self.fps)
@@ -105,7 +118,7 @@ class PlannedScenes:
         width, height = self.size
         text, mask = self.text_encoder.encode([prompt])
         objects = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed),
-                               tries=self.tries)[0]
+                               tries=self.tries, guidance=self.guidance)[0]
         background = parse_prompt(prompt).background or "black"
         scene = world.Scene(objects, background)
         return GeneratedVideo(world.render(scene, width, height, frames, self.fps), self.fps, seed, plan=objects)

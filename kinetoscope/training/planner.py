@@ -14,6 +14,7 @@ score them (pipelines/layout.py), and saves a contact sheet of them.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -37,9 +38,9 @@ REQUIRED = {
     "eval": ("per_tier",),
 }
 KNOWN = {
-    "model": ("dim", "depth", "heads", "mlp_ratio"),
+    "model": ("dim", "depth", "heads", "mlp_ratio", "guidance", "init"),
     "data": (*REQUIRED["data"], "lead_in_rate"),
-    "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight"),
+    "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight", "caption_dropout"),
     "eval": REQUIRED["eval"],
 }
 
@@ -88,14 +89,18 @@ class SceneBatches:
         return torch.from_numpy(np.stack(slots)), text, mask, torch.stack(canvases)
 
 
-def planner_loss(planner: LayoutPlanner, slots, text, mask, canvas, generator=None, start_weight: float = 1.0) -> torch.Tensor:
+def planner_loss(planner: LayoutPlanner, slots, text, mask, canvas, generator=None, start_weight: float = 1.0,
+                 caption_dropout: float = 0.0) -> torch.Tensor:
     """Velocity MSE at logit-normal times, averaged over the batch, each slot's start (its last two
     features) weighted `start_weight` against each of the others. A stated relation moves only the
     starts, 2 of 28 features, and by less than a one-hot flips: at weight 1 the planner of
-    configs/planner.toml placed related objects no better than chance, on training captions too."""
+    configs/planner.toml placed related objects no better than chance, on training captions too.
+    A share `caption_dropout` of the captions is dropped (the empty prompt), for guidance."""
     b = slots.shape[0]
     t = torch.sigmoid(torch.randn(b, generator=generator))
     noise = torch.randn(slots.shape, generator=generator)
+    if caption_dropout:
+        text, mask = planner.drop_text(text, mask, torch.rand(b, generator=generator) < caption_dropout)
     prediction = planner(add_noise(slots, noise, t), t, text, mask, canvas)
     weights = torch.ones(slots.shape[-1], device=slots.device)
     weights[-2:] = start_weight
@@ -115,11 +120,17 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     evaluation = recipe["eval"]
     if isinstance(evaluation["per_tier"], bool) or not isinstance(evaluation["per_tier"], int) or evaluation["per_tier"] < 1:
         raise RecipeError(f"[eval] per_tier must be a whole number of at least 1, not {evaluation['per_tier']!r}")
+    caption_dropout = settings.get("caption_dropout", 0.0)
+    if isinstance(caption_dropout, bool) or not isinstance(caption_dropout, (int, float)) or not 0 <= caption_dropout < 1:
+        raise RecipeError(f"[train] caption_dropout must be a number from 0 up to (not including) 1, not {caption_dropout!r}")
     torch.manual_seed(settings["seed"])
     try:
-        planner = LayoutPlanner(PlannerConfig(slots=MAX_OBJECTS, features=SLOT_FEATURES, **recipe["model"]))
+        planner = LayoutPlanner(PlannerConfig(slots=MAX_OBJECTS, features=SLOT_FEATURES,
+                                              **{k: v for k, v in recipe["model"].items() if k != "init"}))
     except (TypeError, ValueError) as error:
         raise RecipeError(f"[model]: {error}") from None
+    if planner.cfg.guidance != 1 and not caption_dropout:
+        raise RecipeError("[model] guidance other than 1 needs [train] caption_dropout: a planner never shown the empty prompt has no unconditional plan")
     text_encoder = TextEncoder.load("cpu")
     run = RunDirectory(output or settings["output"])
     ema = copy.deepcopy(planner).requires_grad_(False)
@@ -133,6 +144,10 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         state = run.load_state(optimizer)
         step, carried = state["step"], state["elapsed_s"]
         print(f"resuming from step {step} ({carried / 60:.1f} min so far)")
+    elif recipe["model"].get("init"):  # continue from exported weights (the EMA): a fresh optimizer
+        start_from(planner, recipe["model"]["init"])
+        ema.load_state_dict(planner.state_dict())
+        print(f"starting from the weights in {recipe['model']['init']}")
     seed = settings["seed"] * 1_000_003 + step  # a resumed run draws fresh scenes and noise
     torch.manual_seed(seed)
     batches = SceneBatches(recipe["data"], text_encoder, recipe["data"]["seed"] * 1_000_003 + step)
@@ -154,7 +169,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = planner_loss(planner, *pool.next(), start_weight=float(start_weight))
+        loss = planner_loss(planner, *pool.next(), start_weight=float(start_weight), caption_dropout=float(caption_dropout))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(planner.parameters(), settings["grad_clip"])
@@ -178,6 +193,17 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     if step % settings["eval_every"]:
         evaluate(ema, text_encoder, recipe, run, step)
     return export(ema, run, step, clock.elapsed)
+
+
+def start_from(planner: LayoutPlanner, directory: str):
+    """Load an exported planner of the recipe's shape into `planner` (its guidance may differ)."""
+    try:
+        start = LayoutPlanner.from_pretrained(directory)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise RecipeError(f"[model] init: {error}") from None
+    if replace(start.cfg, guidance=planner.cfg.guidance) != planner.cfg:
+        raise RecipeError(f"[model] init {directory} is a {start.cfg}; the recipe's is a {planner.cfg}")
+    planner.load_state_dict(start.state_dict())
 
 
 @torch.no_grad()
