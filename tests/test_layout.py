@@ -200,6 +200,19 @@ def test_planner_training_resumes_exports_and_is_scored_by_the_judge(tmp_path, c
     assert "no layout planner checkpoint" in capsys.readouterr().err
 
 
+def test_planner_reads_each_prompt_once_for_all_the_rows_it_conditions():
+    torch.manual_seed(0)
+    planner = LayoutPlanner(TINY_PLANNER)
+    for parameter in planner.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    text, mask = torch.randn(2, 5, 384), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    slots, t, canvas = torch.randn(6, 3, SLOT_FEATURES), torch.rand(6), torch.randn(6, 2)
+    each_row = planner(slots, t, text.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), canvas)
+    torch.testing.assert_close(planner(slots, t, text, mask, canvas), each_row)  # prompt i conditions rows 3i..3i+2
+    with pytest.raises(ValueError, match="2 prompts cannot each condition an equal share of 5 rows"):
+        planner(slots[:5], t[:5], text, mask, canvas[:5])
+
+
 def test_planner_guidance_weighs_the_prompt_against_the_empty_prompt_it_was_trained_to_answer(monkeypatch):
     from kinetoscope.pipelines import layout as planning
 

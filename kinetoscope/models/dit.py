@@ -185,6 +185,13 @@ class SelfAttention(nn.Module):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
+def rows_per_text(x: torch.Tensor, text: torch.Tensor) -> int:
+    """How many consecutive rows of x each row of text conditions."""
+    if x.shape[0] % text.shape[0]:
+        raise ValueError(f"{text.shape[0]} prompts cannot each condition an equal share of {x.shape[0]} rows")
+    return x.shape[0] // text.shape[0]
+
+
 class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -195,9 +202,14 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, text, text_mask):  # x (B, N, D), text (B, L, D), text_mask (B, L) bool
+    def forward(self, x, text, text_mask):  # x (B, N, D), text (B / k, L, D), text_mask (B / k, L) bool
+        # A text row may serve k consecutive rows of x (many draws of one prompt): its keys and
+        # values are projected once, not k times.
         q = self.q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
         k, v = self.kv(text).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        if text.shape[0] != x.shape[0]:
+            share = rows_per_text(x, text)
+            k, v, text_mask = k.repeat_interleave(share, 0), v.repeat_interleave(share, 0), text_mask.repeat_interleave(share, 0)
         q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask[:, None, None, :])
         return self.proj(out.transpose(1, 2).flatten(2))

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kinetoscope.models.checkpoint import Pretrained
-from kinetoscope.models.dit import DiTBlock, DiTConfig, modulate, timestep_embedding
+from kinetoscope.models.dit import DiTBlock, DiTConfig, modulate, rows_per_text, timestep_embedding
 
 
 @dataclass
@@ -87,10 +87,14 @@ class LayoutPlanner(Pretrained, nn.Module):
         return text.masked_fill(drop[:, None, None], 0.0), torch.where(drop[:, None], null_mask, text_mask)
 
     def forward(self, slots, t, text, text_mask, canvas):
-        """slots (B, S, F) noised to t (B,) in [0, 1], text (B, L, text_dim), text_mask (B, L), canvas (B, 2) -> velocity (B, S, F)."""
+        """slots (B, S, F) noised to t (B,) in [0, 1], text (B / k, L, text_dim), text_mask (B / k, L), canvas (B, 2) -> velocity (B, S, F).
+
+        Each prompt may condition k consecutive rows of slots (the tries of one prompt at sampling),
+        so that the text, most of a small planner's work, is projected once per prompt."""
         x = self.slots_in(slots) + self.slot_embedding
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
-        cond = self.time_mlp(timestep_embedding(t, 256)) + self.text_pool(pooled) + self.canvas_mlp(canvas)  # (B, D)
+        prompt = self.text_pool(pooled).repeat_interleave(rows_per_text(slots, text), 0)
+        cond = self.time_mlp(timestep_embedding(t, 256)) + prompt + self.canvas_mlp(canvas)  # (B, D)
         context = self.text_in(text)
         still = torch.ones(slots.shape[1], self.cfg.dim // self.cfg.heads // 2, dtype=torch.complex64, device=slots.device)
         for block in self.blocks:

@@ -49,14 +49,14 @@ def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor,
     device = text.device
     b = text.shape[0]
     guidance = planner.cfg.guidance if guidance is None else guidance
-    text, mask = text.repeat_interleave(tries, 0), mask.repeat_interleave(tries, 0)  # prompt i's tries are rows i*tries...
+    # Prompt i's tries are rows i*tries...; the planner reads each prompt once for all of them.
     canvas = canvas_condition(width, height, seconds).to(device).expand(b * tries, -1)
     noise = torch.randn((b * tries, planner.cfg.slots, planner.cfg.features), generator=generator).to(device)
     times = torch.linspace(1.0, 0.0, steps + 1, device=device)
     if guidance == 1:
         velocity = lambda x, t: planner(x, t, text, mask, canvas).float()  # noqa: E731
     else:  # one pass over the prompts and the empty prompt together
-        dropped = torch.arange(2 * b * tries, device=device) >= b * tries
+        dropped = torch.arange(2 * b, device=device) >= b
         both_text, both_mask = planner.drop_text(text.repeat(2, 1, 1), mask.repeat(2, 1), dropped)
 
         def velocity(x, t):
