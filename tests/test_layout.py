@@ -1,6 +1,7 @@
 """Layout models: object slots, the layout planner, its training and evaluation, and a denoiser shown a layout."""
 
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -109,21 +110,48 @@ def test_the_planner_tells_its_slots_apart_and_hears_the_canvas():
     assert not torch.allclose(planner(slots, t, text, mask, canvas.flip(0)), out)  # the canvas matters
 
 
+class RecordingEncoder:
+    """A text encoder for planner batches that records the texts it encodes."""
+
+    def encode(self, texts):
+        self.texts = texts
+        return torch.zeros(len(texts), 4, 384), torch.ones(len(texts), 4, dtype=torch.bool)
+
+
 def test_lead_ins_move_a_caption_along_and_leave_its_slots_in_mention_order():
     from kinetoscope.training.planner import LEAD_INS, SceneBatches
 
-    class Captions:  # records the texts a batch encodes
-        def encode(self, texts):
-            self.texts = texts
-            return torch.zeros(len(texts), 4, 384), torch.ones(len(texts), 4, dtype=torch.bool)
-
-    led = Captions()
+    led = RecordingEncoder()
     slots = SceneBatches({"buckets": ["64x64x17"], "fps": 8.0, "batch_size": 6, "seed": 3, "lead_in_rate": 1.0}, led, seed=3)()[0]
     for text, rows in zip(led.texts, slots.numpy()):
         lead_in = next(lead_in for lead_in in LEAD_INS if text.startswith(lead_in))
         named = [obj.color for obj in captions.parse_prompt(text[len(lead_in):]).objects]
         assert list(dict.fromkeys(obj.color for obj in slots_to_objects(rows))) == list(dict.fromkeys(named))  # a group fills slots in turn
     assert not set(captions._tokenize(" ".join(LEAD_INS))) & (captions.HELDOUT_WORDS | set(world.COLORS) | {"background", "there"})
+
+
+def test_paraphrases_put_every_verb_in_other_words_of_its_motion_and_leave_the_rest():
+    from kinetoscope.training.planner import PARAPHRASES, SceneBatches, paraphrase_verbs
+
+    rng = np.random.default_rng(5)
+    caption = "a tiny blue square is bouncing, two cyan boxes do not move while a purple block slowly moves right on white"
+    assert paraphrase_verbs(caption, rng, 0.0) == caption
+    swapped = paraphrase_verbs(caption, rng, 1.0)
+    bounce = {forms[2] for forms in PARAPHRASES["bounce"]}
+    still = {forms[1] for forms in PARAPHRASES["still"]}  # the plural, as "two ... boxes" asks
+    travel = {forms[0] for forms in PARAPHRASES[captions.LINEAR]}
+    pattern = r"a tiny blue square is (.+), two cyan boxes (.+) while a purple block slowly (.+) right on white"
+    verbs = re.fullmatch(pattern, swapped).groups()
+    assert verbs[0] in bounce and verbs[1] in still and verbs[2] in travel
+
+    seen = RecordingEncoder()
+    SceneBatches({"buckets": ["64x64x17"], "fps": 8.0, "batch_size": 40, "seed": 3, "paraphrase_rate": 1.0}, seen, seed=3)()
+    tokens = set(captions._tokenize(" ".join(seen.texts)))
+    grammar_verbs = {"moves", "move", "slides", "slide", "travels", "bounces", "hops", "grows", "shrinks", "spins", "twirls", "rests"}
+    assert not tokens & grammar_verbs  # every verb in other words
+    words = {word for choices in PARAPHRASES.values() for forms in choices for form in forms for word in captions._tokenize(form)}
+    assert not words & (captions.HELDOUT_WORDS | set(world.COLORS))  # and none of them held out
+    assert set(PARAPHRASES) == {verb.motion for verb in captions.VERBS}
 
 
 def test_planner_steps_lower_its_loss_on_a_fixed_batch():
@@ -186,7 +214,8 @@ def test_planner_training_resumes_exports_and_is_scored_by_the_judge(tmp_path, c
         train_planner(str(recipe), output=str(output), steps=6)
     assert_refused(recipe, tmp_path / "other", ((PLANNER_RECIPE.replace("batch_size = 8", "batch_size = 0"), "batch_size"),
                                                 (PLANNER_RECIPE.replace("reuse = 1", "reuse = 1\nstart_weight = 0"), "start_weight"),
-                                                (PLANNER_RECIPE.replace("seed = 5", "seed = 5\nlead_in_rate = 1.5"), "lead_in_rate")))
+                                                (PLANNER_RECIPE.replace("seed = 5", "seed = 5\nlead_in_rate = 1.5"), "lead_in_rate"),
+                                                (PLANNER_RECIPE.replace("seed = 5", "seed = 5\nparaphrase_rate = -0.1"), "paraphrase_rate")))
 
     report = tmp_path / "plans.json"
     assert main(["planner", "eval", "--weights", str(final), "--per-tier", "3", "--report", str(report)]) == 0
