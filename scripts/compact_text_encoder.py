@@ -38,7 +38,7 @@ def vocabulary() -> list[str]:
     "does not" and a curly apostrophe as a straight one, but the tokenizer splits them its own way),
     and the words a planner's training puts around and in place of the grammar's."""
     augmentation = " ".join((*LEAD_INS, *(form for choices in PARAPHRASES.values() for forms in choices for form in forms)))
-    words = sorted(captions.KNOWN_WORDS | set(augmentation.replace(",", " ").replace(":", " ").split()))
+    words = sorted(captions.KNOWN_WORDS | set(captions._tokenize(augmentation)))
     return words + [f"{word}n't" for word in words] + list(string.digits + string.punctuation) + ["\u2019"]
 
 

@@ -90,6 +90,14 @@ def paraphrase_verbs(caption: str, rng: np.random.Generator, rate: float) -> str
     return _VERB_PATTERN.sub(swap, caption)
 
 
+def data_rate(data: dict, name: str) -> float:
+    """[data] `name`, a share from 0 to 1 (0 when the recipe leaves it out)."""
+    rate = data.get(name, 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        raise RecipeError(f"[data] {name} must be a number from 0 to 1, not {rate!r}")
+    return rate
+
+
 class SceneBatches:
     """Training scenes and their captions, as (slots (B, S, F), text (B, L, D), mask (B, L), canvas (B, 2)),
     a share `lead_in_rate` of the captions after one of the LEAD_INS, a share `paraphrase_rate` of
@@ -105,12 +113,7 @@ class SceneBatches:
         if isinstance(data["batch_size"], bool) or not isinstance(data["batch_size"], int) or data["batch_size"] < 1:
             raise RecipeError(f"[data] batch_size must be a whole number of at least 1, not {data['batch_size']!r}")
         self.fps, self.batch_size = float(data["fps"]), data["batch_size"]
-        self.lead_in_rate = data.get("lead_in_rate", 0.0)
-        if isinstance(self.lead_in_rate, bool) or not isinstance(self.lead_in_rate, (int, float)) or not 0 <= self.lead_in_rate <= 1:
-            raise RecipeError(f"[data] lead_in_rate must be a number from 0 to 1, not {self.lead_in_rate!r}")
-        self.paraphrase_rate = data.get("paraphrase_rate", 0.0)
-        if isinstance(self.paraphrase_rate, bool) or not isinstance(self.paraphrase_rate, (int, float)) or not 0 <= self.paraphrase_rate <= 1:
-            raise RecipeError(f"[data] paraphrase_rate must be a number from 0 to 1, not {self.paraphrase_rate!r}")
+        self.lead_in_rate, self.paraphrase_rate = (data_rate(data, name) for name in ("lead_in_rate", "paraphrase_rate"))
         self.text_encoder = text_encoder
         self.rng = np.random.default_rng(seed)
 
