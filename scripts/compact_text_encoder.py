@@ -20,7 +20,7 @@ import torch
 from kinetoscope.data import captions, world
 from kinetoscope.eval.generation import held_out_prompts
 from kinetoscope.models.text_encoder import COMPACT_FILE, TextEncoder, bundled_model_dir, write_compact_copy
-from kinetoscope.training.planner import LEAD_INS, PARAPHRASES
+from kinetoscope.training.planner import LEAD_INS, PARAPHRASES, STAND_INS
 
 
 def sample_captions(count: int, seed: int = 0) -> list[str]:
@@ -37,7 +37,8 @@ def vocabulary() -> list[str]:
     """Every word the prompt parser accepts, as a user may write it (the parser reads "doesn't" as
     "does not" and a curly apostrophe as a straight one, but the tokenizer splits them its own way),
     and the words a planner's training puts around and in place of the grammar's."""
-    augmentation = " ".join((*LEAD_INS, *(form for choices in PARAPHRASES.values() for forms in choices for form in forms)))
+    augmentation = " ".join((*LEAD_INS, *(form for choices in PARAPHRASES.values() for forms in choices for form in forms),
+                             *(form for forms in STAND_INS for form in forms)))
     words = sorted(captions.KNOWN_WORDS | set(captions._tokenize(augmentation)))
     return words + [f"{word}n't" for word in words] + list(string.digits + string.punctuation) + ["\u2019"]
 

@@ -12,8 +12,8 @@ import torch
 
 from kinetoscope.cli import main
 from kinetoscope.data import captions, world
-from kinetoscope.data.layout import (MAX_OBJECTS, SILHOUETTE_CELLS, SLOT_FEATURES, in_mention_order, layout_inputs, scene_to_slots,
-                                     silhouette_channels, silhouette_maps, slots_to_objects)
+from kinetoscope.data.layout import (MAX_OBJECTS, SILHOUETTE_CELLS, SLOT_FEATURES, SLOT_TOKEN_FEATURES, in_mention_order, layout_inputs,
+                                     scene_to_slots, silhouette_channels, silhouette_maps, slot_columns, slots_to_objects)
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, canvas_condition
 from kinetoscope.pipelines.text_to_video import TextToVideo
@@ -110,6 +110,41 @@ def test_the_planner_tells_its_slots_apart_and_hears_the_canvas():
     assert not torch.allclose(planner(slots, t, text, mask, canvas.flip(0)), out)  # the canvas matters
 
 
+def test_attribute_tokens_read_a_slots_motion_from_the_words_alone_never_from_its_shape():
+    torch.manual_seed(0)
+    planner = LayoutPlanner(replace(TINY_PLANNER, token_features=SLOT_TOKEN_FEATURES))
+    for parameter in planner.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    text, mask = torch.randn(1, 5, 384), torch.ones(1, 5, dtype=torch.bool)
+    canvas, t = canvas_condition(64, 64, 2.0)[None], torch.tensor([0.5])
+    what, how, where = np.split(np.arange(SLOT_FEATURES), np.cumsum(SLOT_TOKEN_FEATURES)[:-1])
+    slots = torch.randn(1, MAX_OBJECTS, SLOT_FEATURES)
+    out = planner(slots, t, text, mask, canvas)
+    for changed, unmoved in ((what, how), (how, what)):
+        other = slots.clone()
+        other[..., changed] = torch.randn(1, MAX_OBJECTS, len(changed))  # every slot's shape (or motion) redrawn
+        moved = planner(other, t, text, mask, canvas)
+        assert torch.allclose(moved[..., unmoved], out[..., unmoved], atol=1e-6)
+        assert not torch.allclose(moved[..., where], out[..., where])  # where it starts hears both
+    assert not torch.allclose(planner(slots, t, torch.randn(1, 5, 384), mask, canvas)[..., how], out[..., how])  # the words decide
+    with pytest.raises(ValueError, match="token_features"):
+        LayoutPlanner(replace(TINY_PLANNER, token_features=(5, 5)))
+
+
+def test_a_planner_with_one_token_per_slot_starts_one_with_attribute_tokens(tmp_path):
+    recipe = tmp_path / "planner.toml"
+    recipe.write_text(PLANNER_RECIPE)
+    first = train_planner(str(recipe), output=str(tmp_path / "first"), steps=1)
+    recipe.write_text(PLANNER_RECIPE.replace("heads = 2", f"heads = 2\nattribute_tokens = true\ninit = '{first}'"))
+    exported = train_planner(str(recipe), output=str(tmp_path / "tokens"), steps=1)
+    final = LayoutPlanner.from_pretrained(exported)
+    assert final.cfg.token_features == SLOT_TOKEN_FEATURES and final.visible is not None
+    assert_refused(recipe, tmp_path / "other", ((PLANNER_RECIPE.replace("heads = 2", "heads = 2\nattribute_tokens = 1"),
+                                                 "attribute_tokens must be true or false"),
+                                                (PLANNER_RECIPE.replace("heads = 2", f"heads = 2\ninit = '{exported}'"),
+                                                 "init")))
+
+
 class RecordingEncoder:
     """A text encoder for planner batches that records the texts it encodes."""
 
@@ -152,6 +187,24 @@ def test_paraphrases_put_every_verb_in_other_words_of_its_motion_and_leave_the_r
     words = {word for choices in PARAPHRASES.values() for forms in choices for form in forms for word in captions._tokenize(form)}
     assert not words & (captions.HELDOUT_WORDS | set(world.COLORS))  # and none of them held out
     assert set(PARAPHRASES) == {verb.motion for verb in captions.VERBS}
+
+
+def test_stand_ins_name_each_shape_by_one_word_that_says_nothing_of_it_and_leave_its_shape_unsaid():
+    from kinetoscope.training.planner import STAND_INS, SceneBatches, stand_in_nouns
+
+    caption = "a green triangle starts right of a purple block; two red boxes bounce and the triangle is twirling"
+    named = re.fullmatch(r"a green (\w+) starts right of a purple (\w+); two red (\w+) bounce and the (\w+) is twirling",
+                         stand_in_nouns(caption, np.random.default_rng(2))).groups()
+    singular = {forms[0]: forms[1] for forms in STAND_INS}
+    assert named[0] == named[3] and singular[named[1]] == named[2] and named[0] != named[1]  # one word per shape, in its number
+
+    seen = RecordingEncoder()
+    slots = SceneBatches({"buckets": ["64x64x17"], "fps": 8.0, "batch_size": 30, "seed": 3, "stand_in_rate": 1.0}, seen, seed=3)()[0]
+    shape_words = {form for noun in captions.NOUNS for form in (noun.singular, noun.plural)}
+    assert not set(captions._tokenize(" ".join(seen.texts))) & shape_words
+    assert (slots[..., slot_columns("shape")] == 0).all() and (slots[..., slot_columns("color")].abs() == 1).any()
+    words = {form for forms in STAND_INS for form in forms}
+    assert not words & (captions.KNOWN_WORDS | captions.HELDOUT_WORDS)  # no word a prompt could mean otherwise
 
 
 def test_planner_steps_lower_its_loss_on_a_fixed_batch():

@@ -24,6 +24,7 @@ prompt to read: which colour goes with which shape and motion is then a matter o
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,6 +42,10 @@ SLOT_GROUPS = {  # name -> the choices its one-hot columns stand for, in column 
     "motion": world.MOTIONS,
     "speed": tuple(world.SPEEDS),
 }
+# A planner with attribute tokens (models/planner.py `token_features`) reads each slot as three:
+# what the object is (present, colour, shape, size), how it moves (motion, speed), where it starts.
+SLOT_TOKEN_FEATURES = (1 + sum(len(SLOT_GROUPS[name]) for name in ("color", "shape", "size")),
+                       len(SLOT_GROUPS["motion"]) + len(SLOT_GROUPS["speed"]), 2)
 SILHOUETTE_CELLS = 4  # cells per token along each side; at 16-pixel tokens a cell is 4 pixels
 SLOT_FEATURES = 1 + sum(len(choices) for choices in SLOT_GROUPS.values()) + 2  # present, one-hots, start (x, y)
 
@@ -130,6 +135,12 @@ def in_mention_order(objects: Sequence[world.ShapeObject], caption: str) -> list
     object in Shapes World, so it tells the objects of a caption apart); a group stays together."""
     named = [obj.color for obj in captions.parse_prompt(caption).objects]
     return sorted(objects, key=lambda obj: named.index(obj.color))
+
+
+def slot_columns(name: str) -> slice:
+    """Where a slot's one-hot `name` (a SLOT_GROUPS key) lies among its features."""
+    first = 1 + sum(len(choices) for group, choices in itertools.takewhile(lambda item: item[0] != name, SLOT_GROUPS.items()))
+    return slice(first, first + len(SLOT_GROUPS[name]))
 
 
 def scene_to_slots(objects: Sequence[world.ShapeObject]) -> np.ndarray:

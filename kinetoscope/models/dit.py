@@ -177,12 +177,12 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rotations):  # (B, N, D)
+    def forward(self, x, rotations, visible=None):  # x (B, N, D), visible (N, N) bool: which tokens each may attend to
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
         # Norms and rotations in float32 (fused there under autocast); attention in the compute dtype.
         q = apply_rope(self.q_norm(q.float()), rotations).type_as(v)
         k = apply_rope(self.k_norm(k.float()), rotations).type_as(v)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=visible).transpose(1, 2).flatten(2))
 
 
 def rows_per_text(x: torch.Tensor, text: torch.Tensor) -> int:
@@ -232,9 +232,9 @@ class DiTBlock(nn.Module):
         self.local_mix = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if cfg.local_mixing else None
         self.adaLN = nn.Linear(d, 6 * d)  # shift/scale/gate for attention and MLP
 
-    def forward(self, x, cond, text, text_mask, rotations, grid):
+    def forward(self, x, cond, text, text_mask, rotations, grid, visible=None):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN(F.silu(cond)).chunk(6, dim=-1)
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), rotations)
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), rotations, visible)
         x = x + self.cross(self.norm2(x), text, text_mask)
         return x + gate_m[:, None] * self.feed_forward(modulate(self.norm3(x), shift_m, scale_m), grid)
 

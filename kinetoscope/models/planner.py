@@ -14,11 +14,22 @@ colours (README). Each block is the denoiser's (DiTBlock: adaLN-Zero from the ti
 prompt and canvas; self-attention among the slots; cross-attention to the text), with rotary
 positions that do not turn: the slot embedding says which slot is which.
 
-Shapes: slots (B, S, F); text (B, L, D_text) with mask (B, L); canvas (B, 2); tokens (B, S, D).
+A slot may also be read as several tokens (`token_features`), each writing a group of its features.
+A planner with one token per slot learns the world's joint odds of shape and motion, and no
+training scene has a shrinking square: told "the block shrinks and the triangle is twirling", it
+swapped the motions, since a spinning square and a shrinking triangle are what it has seen (its
+main failure on held-out prompts). With the groups (what the object is, how it moves, where it
+starts), every token but the last kind attends only to tokens of its own kind, so a slot's motion
+is read from the words alone and can never lean on the shape chosen for it; where it starts (the
+last kind) depends on everything and sees everything.
+
+Shapes: slots (B, S, F); text (B, L, D_text) with mask (B, L); canvas (B, 2); K tokens per slot
+(1 without `token_features`); tokens (B, S * K, D).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -40,6 +51,10 @@ class PlannerConfig:
     mlp_ratio: float = 4.0
     text_dim: int = 384
     guidance: float = 1.0  # classifier-free guidance its plans are drawn with: above 1 only once trained with caption dropout
+    token_features: tuple[int, ...] = ()  # features of each of a slot's tokens, in column order; () for one token per slot
+
+    def __post_init__(self):
+        self.token_features = tuple(self.token_features)  # a list, as config.json holds it
 
     def block_config(self) -> DiTConfig:
         return DiTConfig(dim=self.dim, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio, text_dim=self.text_dim)
@@ -59,8 +74,22 @@ class LayoutPlanner(Pretrained, nn.Module):
         self.cfg = cfg
         block_cfg = cfg.block_config()  # also checks that the head size suits the attention
         d = cfg.dim
+        groups = tuple(cfg.token_features) or (cfg.features,)
+        if sum(groups) != cfg.features or min(groups) < 1:
+            raise ValueError(f"token_features {list(cfg.token_features)} must split the {cfg.features} slot features into groups")
+        # (K, F): which features token kind k reads and writes. One projection serves every kind, so
+        # a planner with one token per slot has exactly the parameters it always had.
+        columns = torch.zeros(len(groups), cfg.features)
+        for kind, (first, count) in enumerate(zip((0, *itertools.accumulate(groups)), groups)):
+            columns[kind, first:first + count] = 1.0
+        self.register_buffer("kind_columns", columns, persistent=False)
+        kind = torch.arange(cfg.slots * len(groups)) % len(groups)  # of each token, slot-major
+        visible = (kind[:, None] == kind[None, :]) | (kind[:, None] == len(groups) - 1)  # (S * K, S * K)
+        self.register_buffer("visible", visible if len(groups) > 1 else None, persistent=False)
         self.slots_in = nn.Linear(cfg.features, d)
         self.slot_embedding = nn.Parameter(torch.randn(1, cfg.slots, d) * 0.02)
+        if len(groups) > 1:
+            self.kind_embedding = nn.Parameter(torch.randn(1, 1, len(groups), d) * 0.02)
         self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.canvas_mlp = nn.Sequential(nn.Linear(2, d), nn.SiLU(), nn.Linear(d, d))
         self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
@@ -91,13 +120,18 @@ class LayoutPlanner(Pretrained, nn.Module):
 
         Each prompt may condition k consecutive rows of slots (the tries of one prompt at sampling),
         so that the text, most of a small planner's work, is projected once per prompt."""
-        x = self.slots_in(slots) + self.slot_embedding
+        b, n_slots, _ = slots.shape
+        x = self.slots_in(slots[:, :, None] * self.kind_columns) + self.slot_embedding[:, :, None]  # (B, S, K, D)
+        if self.visible is not None:
+            x = x + self.kind_embedding
+        x = x.flatten(1, 2)  # (B, S * K, D)
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
         prompt = self.text_pool(pooled).repeat_interleave(rows_per_text(slots, text), 0)
         cond = self.time_mlp(timestep_embedding(t, 256)) + prompt + self.canvas_mlp(canvas)  # (B, D)
         context = self.text_in(text)
-        still = torch.ones(slots.shape[1], self.cfg.dim // self.cfg.heads // 2, dtype=torch.complex64, device=slots.device)
+        still = torch.ones(x.shape[1], self.cfg.dim // self.cfg.heads // 2, dtype=torch.complex64, device=slots.device)
         for block in self.blocks:
-            x = block(x, cond, context, text_mask, still, (1, 1, slots.shape[1]))
+            x = block(x, cond, context, text_mask, still, (1, 1, x.shape[1]), self.visible)
         shift, scale = self.adaLN_out(F.silu(cond)).chunk(2, dim=-1)
-        return self.slots_out(modulate(self.norm_out(x), shift, scale))
+        out = self.slots_out(modulate(self.norm_out(x), shift, scale)).unflatten(1, (n_slots, -1))  # (B, S, K, F)
+        return (out * self.kind_columns).sum(2)  # each feature as its own kind's token writes it

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from kinetoscope.data import captions, world
 from kinetoscope.data.dataset import Bucket
-from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, in_mention_order, scene_to_slots
+from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, SLOT_TOKEN_FEATURES, in_mention_order, scene_to_slots, slot_columns
 from kinetoscope.diffusion.rectified_flow import add_noise, velocity_target
 from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, canvas_condition
 from kinetoscope.models.text_encoder import TextEncoder
@@ -39,8 +39,8 @@ REQUIRED = {
     "eval": ("per_tier",),
 }
 KNOWN = {
-    "model": ("dim", "depth", "heads", "mlp_ratio", "guidance", "init"),
-    "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate"),
+    "model": ("dim", "depth", "heads", "mlp_ratio", "guidance", "init", "attribute_tokens"),
+    "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate", "stand_in_rate"),
     "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight", "caption_dropout"),
     "eval": REQUIRED["eval"],
 }
@@ -90,6 +90,31 @@ def paraphrase_verbs(caption: str, rng: np.random.Generator, rate: float) -> str
     return _VERB_PATTERN.sub(swap, caption)
 
 
+# Everyday nouns no caption uses, as (singular, plural), to stand in for a caption's shape words. A
+# planner reads a motion's object by its noun ("the block shrinks"), and every noun it was trained
+# on comes with the odds of what its shape does: no training caption says a block shrinks, and told
+# so, the planner gave the shrink to the other object. Named by a word that says nothing of its
+# shape, ("a purple lamp ... the lamp shrinks"), an object can be told apart from the others only by
+# which word names it, which is how a motion must be bound whatever the noun.
+STAND_INS = (("lamp", "lamps"), ("cloud", "clouds"), ("stone", "stones"), ("bird", "birds"), ("boat", "boats"), ("coin", "coins"),
+             ("flower", "flowers"), ("cup", "cups"), ("key", "keys"), ("leaf", "leaves"), ("bell", "bells"), ("kite", "kites"))
+# Each noun a training caption can show -> (its shape, which form: 0 singular, 1 plural).
+_NOUN_FORMS = {form: (noun.shape, index) for noun in captions.NOUNS if noun.use == captions.TRAIN
+               for index, form in enumerate((noun.singular, noun.plural))}
+_NOUN_PATTERN = re.compile(r"\b(" + "|".join(sorted(_NOUN_FORMS, key=len, reverse=True)) + r")\b")
+
+
+def stand_in_nouns(caption: str, rng: np.random.Generator) -> str:
+    """`caption` with every noun of each shape replaced by one of the STAND_INS, a different one per shape."""
+    stand_in = dict(zip(world.SHAPES, rng.permutation(len(STAND_INS))))
+
+    def swap(match: re.Match) -> str:
+        shape, form = _NOUN_FORMS[match.group(0)]
+        return STAND_INS[stand_in[shape]][form]
+
+    return _NOUN_PATTERN.sub(swap, caption)
+
+
 def data_rate(data: dict, name: str) -> float:
     """[data] `name`, a share from 0 to 1 (0 when the recipe leaves it out)."""
     rate = data.get(name, 0.0)
@@ -101,7 +126,8 @@ def data_rate(data: dict, name: str) -> float:
 class SceneBatches:
     """Training scenes and their captions, as (slots (B, S, F), text (B, L, D), mask (B, L), canvas (B, 2)),
     a share `lead_in_rate` of the captions after one of the LEAD_INS, a share `paraphrase_rate` of
-    their verbs in other words (PARAPHRASES)."""
+    their verbs in other words (PARAPHRASES), a share `stand_in_rate` naming their shapes by
+    STAND_INS (with no shape in their slots: the caption no longer says it)."""
 
     def __init__(self, data: dict, text_encoder: TextEncoder, seed: int):
         try:
@@ -113,7 +139,8 @@ class SceneBatches:
         if isinstance(data["batch_size"], bool) or not isinstance(data["batch_size"], int) or data["batch_size"] < 1:
             raise RecipeError(f"[data] batch_size must be a whole number of at least 1, not {data['batch_size']!r}")
         self.fps, self.batch_size = float(data["fps"]), data["batch_size"]
-        self.lead_in_rate, self.paraphrase_rate = (data_rate(data, name) for name in ("lead_in_rate", "paraphrase_rate"))
+        self.lead_in_rate, self.paraphrase_rate, self.stand_in_rate = (
+            data_rate(data, name) for name in ("lead_in_rate", "paraphrase_rate", "stand_in_rate"))
         self.text_encoder = text_encoder
         self.rng = np.random.default_rng(seed)
 
@@ -124,9 +151,13 @@ class SceneBatches:
             seconds = (bucket.frames - 1) / self.fps
             scene = world.sample_scene(self.rng, bucket.width / bucket.height, max(seconds, 1 / self.fps), captions.TRAIN_SCENES)
             caption = captions.caption_variants(scene, self.rng, count=1, split="train")[0]
-            slots.append(scene_to_slots(in_mention_order(scene.objects, caption)))
+            rows = scene_to_slots(in_mention_order(scene.objects, caption))
             if self.paraphrase_rate:
                 caption = paraphrase_verbs(caption, self.rng, self.paraphrase_rate)
+            if self.rng.random() < self.stand_in_rate:
+                caption = stand_in_nouns(caption, self.rng)
+                rows[:, slot_columns("shape")] = 0.0
+            slots.append(rows)
             if self.rng.random() < self.lead_in_rate:
                 caption = LEAD_INS[self.rng.integers(len(LEAD_INS))] + caption
             texts.append(caption)
@@ -170,9 +201,13 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     if isinstance(caption_dropout, bool) or not isinstance(caption_dropout, (int, float)) or not 0 <= caption_dropout < 1:
         raise RecipeError(f"[train] caption_dropout must be a number from 0 up to (not including) 1, not {caption_dropout!r}")
     torch.manual_seed(settings["seed"])
+    attribute_tokens = recipe["model"].get("attribute_tokens", False)
+    if not isinstance(attribute_tokens, bool):
+        raise RecipeError(f"[model] attribute_tokens must be true or false, not {attribute_tokens!r}")
     try:
         planner = LayoutPlanner(PlannerConfig(slots=MAX_OBJECTS, features=SLOT_FEATURES,
-                                              **{k: v for k, v in recipe["model"].items() if k != "init"}))
+                                              token_features=SLOT_TOKEN_FEATURES if attribute_tokens else (),
+                                              **{k: v for k, v in recipe["model"].items() if k not in ("init", "attribute_tokens")}))
     except (TypeError, ValueError) as error:
         raise RecipeError(f"[model]: {error}") from None
     if planner.cfg.guidance != 1 and not caption_dropout:
@@ -242,14 +277,19 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 
 
 def start_from(planner: LayoutPlanner, directory: str):
-    """Load an exported planner of the recipe's shape into `planner` (its guidance may differ)."""
+    """Load an exported planner of the recipe's shape into `planner` (its guidance may differ). A
+    planner with one token per slot may start one with attribute tokens: every weight is shared,
+    and only the embedding of the token kinds starts afresh."""
     try:
         start = LayoutPlanner.from_pretrained(directory)
     except (OSError, ValueError, RuntimeError) as error:
         raise RecipeError(f"[model] init: {error}") from None
-    if replace(start.cfg, guidance=planner.cfg.guidance) != planner.cfg:
+    if (replace(start.cfg, guidance=planner.cfg.guidance, token_features=planner.cfg.token_features) != planner.cfg
+            or start.cfg.token_features not in ((), planner.cfg.token_features)):
         raise RecipeError(f"[model] init {directory} is a {start.cfg}; the recipe's is a {planner.cfg}")
-    planner.load_state_dict(start.state_dict())
+    missing, _ = planner.load_state_dict(start.state_dict(), strict=False)
+    if set(missing) - {"kind_embedding"}:
+        raise RecipeError(f"[model] init {directory} lacks {', '.join(sorted(missing))}")
 
 
 @torch.no_grad()
