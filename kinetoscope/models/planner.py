@@ -76,7 +76,7 @@ class LayoutPlanner(Pretrained, nn.Module):
         self.cfg = cfg
         block_cfg = cfg.block_config()  # also checks that the head size suits the attention
         d = cfg.dim
-        groups = tuple(cfg.token_features) or (cfg.features,)
+        groups = cfg.token_features or (cfg.features,)
         if sum(groups) != cfg.features or min(groups) < 1:
             raise ValueError(f"token_features {list(cfg.token_features)} must split the {cfg.features} slot features into groups")
         # (K, F): which features token kind k reads and writes. One projection serves every kind, so
