@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,12 +14,12 @@ import torch
 from kinetoscope.cli import main
 from kinetoscope.data import captions, world
 from kinetoscope.data.layout import (MAX_OBJECTS, SILHOUETTE_CELLS, SLOT_FEATURES, SLOT_TOKEN_FEATURES, in_mention_order, layout_inputs,
-                                     scene_to_slots, silhouette_channels, silhouette_maps, slot_columns, slots_to_objects)
+                                     plan_states, scene_to_slots, silhouette_channels, silhouette_maps, slot_columns, slots_to_objects)
 from kinetoscope.models.dit import DiffusionTransformer, config_for
-from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, canvas_condition
+from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, PlanScorer, canvas_condition
 from kinetoscope.pipelines.text_to_video import TextToVideo
 from kinetoscope.training.common import RecipeError
-from kinetoscope.training.planner import planner_loss, train as train_planner
+from kinetoscope.training.planner import PlanBatches, contradict, planner_loss, scorer_loss, train as train_planner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training import TINY_RECIPE  # noqa: E402
@@ -131,7 +132,7 @@ def test_attribute_tokens_read_a_slots_motion_from_the_words_alone_never_from_it
         LayoutPlanner(replace(TINY_PLANNER, token_features=(5, 5)))
 
 
-def test_a_planner_with_one_token_per_slot_starts_one_with_attribute_tokens(tmp_path):
+def test_a_planner_with_one_token_per_slot_starts_one_with_attribute_tokens_and_back(tmp_path):
     recipe = tmp_path / "planner.toml"
     recipe.write_text(PLANNER_RECIPE)
     first = train_planner(str(recipe), output=str(tmp_path / "first"), steps=1)
@@ -139,9 +140,11 @@ def test_a_planner_with_one_token_per_slot_starts_one_with_attribute_tokens(tmp_
     exported = train_planner(str(recipe), output=str(tmp_path / "tokens"), steps=1)
     final = LayoutPlanner.from_pretrained(exported)
     assert final.cfg.token_features == SLOT_TOKEN_FEATURES and final.visible is not None
+    recipe.write_text(PLANNER_RECIPE.replace("heads = 2", f"heads = 2\ninit = '{exported}'"))  # and back
+    assert LayoutPlanner.from_pretrained(train_planner(str(recipe), output=str(tmp_path / "back"), steps=1)).visible is None
     assert_refused(recipe, tmp_path / "other", ((PLANNER_RECIPE.replace("heads = 2", "heads = 2\nattribute_tokens = 1"),
                                                  "attribute_tokens must be true or false"),
-                                                (PLANNER_RECIPE.replace("heads = 2", f"heads = 2\ninit = '{exported}'"),
+                                                (PLANNER_RECIPE.replace("heads = 2", f"heads = 2\ninit = '{exported}'").replace("depth = 1", "depth = 2"),
                                                  "init")))
 
 
@@ -463,7 +466,13 @@ def test_a_layout_model_trains_on_true_layouts_and_samples_its_planners(tmp_path
             pipe("a red circle", width=32, height=32, frames=5, steps=2, plan=plan)
     with pytest.raises(ValueError, match="needs its layout planner"):
         TextToVideo(pipe.transformer, pipe.autoencoder, pipe.text_encoder)
-    plain = DiffusionTransformer(config_for("tiny", depth=1, latent_channels=pipe.autoencoder.cfg.latent_channels))
+    PlanScorer(TINY_PLANNER).save_pretrained(final / "planner" / "scorer")  # a scorer in the planner's folder picks its plans
+    scored = TextToVideo.load(final)
+    assert isinstance(scored.plan_scorer, PlanScorer)
+    assert scored("a red square spins", width=32, height=32, frames=5, steps=1, seed=2).plan is not None
+    with pytest.raises(ValueError, match="picks among a layout planner's plans"):
+        TextToVideo(plain_transformer(pipe), pipe.autoencoder, pipe.text_encoder, plan_scorer=scored.plan_scorer)
+    plain = plain_transformer(pipe)
     with pytest.raises(ValueError, match="serves only a transformer that takes a layout"):
         TextToVideo(plain, pipe.autoencoder, pipe.text_encoder, planner=pipe.planner)
     with pytest.raises(ValueError, match="takes no layout plan"):
@@ -486,6 +495,11 @@ def test_a_layout_model_trains_on_true_layouts_and_samples_its_planners(tmp_path
     student_recipe.write_text(TINY_RECIPE.replace('size = "tiny"', f'size = "tiny"\ninit = "{final}"') + distill)
     with pytest.raises(RecipeError, match="a layout model's student takes what its teacher does"):
         train_generator_run(student_recipe, tmp_path / "plain_student")
+
+
+def plain_transformer(pipe: TextToVideo) -> DiffusionTransformer:
+    """A transformer that takes no layout, for the autoencoder of `pipe`."""
+    return DiffusionTransformer(config_for("tiny", depth=1, latent_channels=pipe.autoencoder.cfg.latent_channels))
 
 
 def train_generator_run(recipe: Path, output: Path) -> Path:
@@ -583,3 +597,115 @@ def test_the_world_allows_only_plans_it_could_draw_and_planning_keeps_the_consen
     assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3) == [tuple(overlapping)]  # none allowed: the consensus of all
     assert planning.plan_traits(tuple(likely)) >= {("count", 2), (1, "motion", "still"), (0, 1, 0, 1), (0, 1, 1, 1)}
     assert (0, 1, 0, 0) in planning.plan_traits(tuple(overlapping))  # level within RELATION_MARGIN
+
+
+def test_a_plan_states_all_a_prompt_says_and_is_free_where_it_says_nothing():
+    stated = captions.parse_prompt("a red ball bounces; a small blue block starts left of a green triangle, the triangle spins")
+    ball = world.ShapeObject("red", "circle", "large", "bounce", None, (0.7, 0.4))
+    block = world.ShapeObject("blue", "square", "small", "left", "fast", (0.2, 0.6))  # its motion is left open
+    triangle = world.ShapeObject("green", "triangle", "medium", "spin", None, (0.5, 0.8))
+    plan = (ball, block, triangle)
+    assert plan_states(plan, stated)
+    for wrong in (plan[1:], (ball, replace(block, size="large"), triangle), (replace(ball, motion="still"), block, triangle),
+                  (ball, replace(block, start=(0.9, 0.6)), triangle), (*plan[:2], replace(ball, color="yellow")),
+                  (replace(ball, shape="square"), block, triangle), (ball, block, replace(triangle, motion="grow"))):
+        assert not plan_states(wrong, stated)
+    pair = captions.parse_prompt("two red balls bounce")
+    assert plan_states((ball, replace(ball, size="small", start=(0.2, 0.3))), pair)
+    assert not plan_states((ball,), pair) and not plan_states((ball, ball, ball), pair)
+
+
+def test_contradicted_plans_break_their_caption_and_show_no_held_out_combination():
+    data = {"buckets": ["64x64x17", "96x64x1"], "fps": 8.0, "batch_size": 4, "seed": 3, "stand_in_rate": 0.3, "paraphrase_rate": 0.3}
+    batches = PlanBatches(data, RecordingEncoder(), seed=1, negatives=3)
+    kinds = set()
+    for _ in range(40):
+        objects, caption, stated, stand_in, _ = batches.captioned_scene()
+        assert plan_states(objects, stated) and (stated.objects[0].shape is None) == stand_in
+        wrong = contradict(tuple(objects), stated, batches.rng)
+        assert wrong is not None and not plan_states(wrong, stated)
+        assert not captions.is_heldout_scene(world.Scene(wrong, "black"))
+        kinds.add("count" if len(wrong) != len(objects) else "same count")
+    assert kinds == {"count", "same count"}
+    plain = PlanBatches({**data, "stand_in_rate": 0.0, "paraphrase_rate": 0.0}, RecordingEncoder(), seed=1, negatives=3)
+    slots, text, mask, canvas = plain()
+    assert slots.shape == (16, MAX_OBJECTS, SLOT_FEATURES) and text.shape[0] == 4 and canvas.shape == (16, 2)
+    for caption, rows in zip(plain.text_encoder.texts, slots.unflatten(0, (4, 4))):  # the true plan first, then 3 it contradicts
+        stated = captions.parse_prompt(caption)
+        assert [plan_states(slots_to_objects(row.numpy()), stated) for row in rows] == [True, False, False, False]
+
+
+def test_a_scorer_blind_to_shape_never_reads_it_and_is_shown_no_plan_wrong_in_shape_alone():
+    torch.manual_seed(0)
+    shape = slot_columns("shape")
+    scorer = PlanScorer(replace(TINY_PLANNER, unread_features=tuple(range(SLOT_FEATURES)[shape])))
+    for parameter in scorer.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    slots, text, mask, canvas = torch.randn(4, 3, SLOT_FEATURES), torch.randn(4, 5, 384), torch.ones(4, 5, dtype=torch.bool), torch.randn(4, 2)
+    reshaped = slots.clone()
+    reshaped[..., shape] = torch.randn(4, 3, 3)
+    torch.testing.assert_close(scorer(reshaped, text, mask, canvas), scorer(slots, text, mask, canvas))
+    recolored = slots.clone()
+    recolored[..., slot_columns("color")] = torch.randn(4, 3, len(world.COLORS))
+    assert not torch.allclose(scorer(recolored, text, mask, canvas), scorer(slots, text, mask, canvas))
+    with pytest.raises(ValueError, match="unread_features"):
+        PlanScorer(replace(TINY_PLANNER, unread_features=(SLOT_FEATURES,)))
+    batches = PlanBatches({"buckets": ["64x64x17"], "fps": 8.0, "batch_size": 8, "seed": 2}, RecordingEncoder(), seed=2, negatives=3,
+                          unread=("shape",))
+    rows = batches()[0].unflatten(0, (8, 4)).numpy()
+    for true, wrong in ((group[0], plan) for group in rows for plan in group[1:]):
+        blind = np.ones(SLOT_FEATURES, dtype=bool)
+        blind[shape] = False
+        assert not np.array_equal(true[:, blind], wrong[:, blind])
+
+
+def test_scorer_steps_rank_true_plans_above_their_contradictions():
+    torch.manual_seed(0)
+    scorer = PlanScorer(TINY_PLANNER)
+    batches = PlanBatches({"buckets": ["64x64x17"], "fps": 8.0, "batch_size": 16, "seed": 2}, RecordingEncoder(), seed=2, negatives=3)
+    slots, _, _, canvas = batches()
+    text, mask = torch.randn(16, 6, 384), torch.ones(16, 6, dtype=torch.bool)  # one made-up prompt per caption
+    optimizer = torch.optim.Adam(scorer.parameters(), lr=3e-3)
+    before = scorer_loss(scorer, slots, text, mask, canvas).item()
+    assert before == pytest.approx(np.log(4))  # its head starts at zero: every plan alike
+    for _ in range(60):
+        optimizer.zero_grad()
+        scorer_loss(scorer, slots, text, mask, canvas).backward()
+        optimizer.step()
+    assert scorer_loss(scorer, slots, text, mask, canvas).item() < 0.5 * before
+
+
+def test_a_scorer_trains_from_a_planner_and_planning_keeps_the_draw_it_rates_best(tmp_path, monkeypatch):
+    from kinetoscope.pipelines import layout as planning
+
+    recipe = tmp_path / "scorer.toml"
+    recipe.write_text(PLANNER_RECIPE)
+    planner_dir = train_planner(str(recipe), output=str(tmp_path / "planner"), steps=1)
+    scorer_recipe = PLANNER_RECIPE.replace("heads = 2", f"heads = 2\nrole = 'scorer'\nunread = ['shape']\ninit = '{planner_dir}'").replace(
+        "seed = 5", "seed = 5\nnegatives = 3").replace("per_tier = 2", f"per_tier = 2\nplanner = '{planner_dir}'")
+    recipe.write_text(scorer_recipe)
+    exported = train_planner(str(recipe), output=str(tmp_path / "scorer"))
+    scorer = PlanScorer.from_pretrained(exported)
+    records = [json.loads(line) for line in (tmp_path / "scorer" / "log.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] == pytest.approx(np.log(4), abs=0.05) and "eval_fully_right unseen phrasings" in records[-1]
+    assert_refused(recipe, tmp_path / "other", ((scorer_recipe.replace("role = 'scorer'", "role = 'critic'"), "role must be one of"),
+                                                (scorer_recipe.replace("negatives = 3", "negatives = 0"), "negatives"),
+                                                (scorer_recipe.replace("unread = ['shape']", "unread = ['color']"), "unread must list"),
+                                                (scorer_recipe.replace(f"planner = '{planner_dir}'", ""), r"\[eval\] planner"),
+                                                (scorer_recipe.replace(f"init = '{planner_dir}'", f"init = '{tmp_path}'"), "init")))
+
+    # In the planner's folder, the scorer picks among its draws wherever the planner is loaded.
+    shutil.copytree(exported, planner_dir / planning.SCORER_FOLDER)
+    planner, loaded = planning.load_planning(planner_dir)
+    assert isinstance(loaded, PlanScorer) and planning.PlannedScenes.load(planner_dir).scorer is not None
+    assert planning.PlannedScenes.load(planner_dir, scored=False).scorer is None
+    for flags, picked_by in (([], "scorer"), (["--no-scorer"], "consensus")):
+        assert main(["planner", "eval", "--weights", str(planner_dir), "--per-tier", "1", "--report", str(tmp_path / "plans.json"), *flags]) == 0
+        assert json.loads((tmp_path / "plans.json").read_text())["picked_by"] == picked_by
+    drawn = [[world.ShapeObject("red", "square", "medium", motion, None, (x, 0.5))] for motion, x in (("still", 0.3), ("spin", 0.5), ("grow", 0.6))]
+    monkeypatch.setattr(planning, "euler_sample", lambda velocity, noise, times: torch.from_numpy(
+        np.stack([scene_to_slots(objects) for objects in drawn])))
+    monkeypatch.setattr(PlanScorer, "forward", lambda self, slots, text, mask, canvas: slots[:, 0, slot_columns("motion")][:, world.MOTIONS.index("spin")])
+    text, mask = torch.randn(1, 4, 384), torch.ones(1, 4, dtype=torch.bool)
+    assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3, scorer=loaded) == [tuple(drawn[1])]
+    assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3) != [tuple(drawn[1])]

@@ -16,9 +16,12 @@ def register(subparsers):
     evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
     evaluate.add_argument("--prompt-seed", type=common.seed, default=777, help="which seeded sample of held-out prompts (default 777)")
     evaluate.add_argument("--tries", type=common.positive_int, default=32,  # pipelines.layout.PLAN_TRIES, named here so --help needs no torch
-                          help="plans drawn per prompt, of which the consensus of those the world allows is kept (default 32, as generation does; 1: the planner alone)")
+                          help="plans drawn per prompt, of which the one the scorer rates best (or the consensus) of those the world allows "
+                               "is kept (default 32, as generation does; 1: the planner alone)")
     evaluate.add_argument("--guidance", type=common.guidance_scale,
                           help="classifier-free guidance of the plans (default: the planner's own, config.json's \"guidance\")")
+    evaluate.add_argument("--no-scorer", dest="scored", action="store_false",
+                          help="keep the consensus of the draws even where the planner's folder has a plan scorer (scorer/)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
     evaluate.set_defaults(handler=run_eval)
 
@@ -40,11 +43,13 @@ def run_eval(args) -> int:
 
     report = common.check_writable_file(args.report, "--report") if args.report else None
     folder = Path(args.weights)
-    planned = common.load_weights(lambda weights: PlannedScenes.load(weights, args.tries, args.guidance),
+    planned = common.load_weights(lambda weights: PlannedScenes.load(weights, args.tries, args.guidance, args.scored),
                                   str(folder / "planner" if (folder / "planner").is_dir() else folder))
     with tqdm(total=args.per_tier * len(TIERS), desc="held-out plans", unit="plan") as bar:
         result = evaluate_generator(planned, args.per_tier, progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
     print_results(result)
     if report is not None:
-        write_report(report, {"prompt_seed": args.prompt_seed, "noise_seeds": NOISE_SEEDS, "planner": str(folder), "tries": args.tries, "guidance": planned.planner.cfg.guidance if args.guidance is None else args.guidance}, result)
+        write_report(report, {"prompt_seed": args.prompt_seed, "noise_seeds": NOISE_SEEDS, "planner": str(folder), "tries": args.tries,
+                              "guidance": planned.planner.cfg.guidance if args.guidance is None else args.guidance,
+                              "picked_by": "consensus" if planned.scorer is None else "scorer"}, result)
     return 0

@@ -181,6 +181,26 @@ def slots_to_objects(slots: np.ndarray) -> tuple[world.ShapeObject, ...]:
     return tuple(objects)
 
 
+def plan_states(objects: Sequence[world.ShapeObject], stated: world.Scene) -> bool:
+    """Whether a plan says all that `stated` (a parsed prompt, None where it says nothing) does: as
+    many objects of each colour, each with the stated shape, size, motion and speed, and the stated
+    relation between where the two colours start (a colour names one kind of object)."""
+    wanted = {obj.color: (obj, count) for obj, count in stated.groups()}
+    counts = {color: sum(obj.color == color for obj in objects) for color in {obj.color for obj in objects} | set(wanted)}
+    if any(counts[color] != wanted.get(color, (None, 0))[1] for color in counts):
+        return False
+    for obj in objects:
+        want = wanted[obj.color][0]
+        if any(getattr(want, name) not in (None, getattr(obj, name)) for name in ("shape", "size", "motion", "speed")):
+            return False
+    if stated.relation is None:
+        return True
+    first, relation, second = stated.relation
+    axis = 0 if relation in ("left of", "right of") else 1
+    start = {color: np.mean([obj.start[axis] for obj in objects if obj.color == color]) for color in (first, second)}
+    return (start[first] < start[second]) == (relation in ("left of", "above"))
+
+
 def describe_objects(objects: Sequence[world.ShapeObject]) -> str:
     """A plan in words, e.g. "a small red circle moving right fast from (0.20, 0.50)", for people to read."""
     def one(obj: world.ShapeObject) -> str:

@@ -25,6 +25,11 @@ last kind) depends on everything and sees everything. Measured, it read unseen p
 but left most of those swaps (README): the odds also live in how the text encoder's states for a
 noun and its verb sit together.
 
+A plan scorer (`PlanScorer`) is the same network with one number out in place of the velocity:
+how well a clean plan says what its prompt states, which picks among the planner's draws. It may
+leave some features unread (`unread_features`): blind to shape, no plan it reads can show a
+held-out (colour, shape) or (shape, motion) pair, and it judges every other attribute.
+
 Shapes: slots (B, S, F); text (B, L, D_text) with mask (B, L); canvas (B, 2); K tokens per slot
 (1 without `token_features`); tokens (B, S * K, D).
 """
@@ -54,9 +59,11 @@ class PlannerConfig:
     text_dim: int = 384
     guidance: float = 1.0  # classifier-free guidance its plans are drawn with: above 1 only once trained with caption dropout
     token_features: tuple[int, ...] = ()  # features of each of a slot's tokens, in column order; () for one token per slot
+    unread_features: tuple[int, ...] = ()  # columns of a slot it never reads (zeroed on the way in)
 
     def __post_init__(self):
-        self.token_features = tuple(self.token_features)  # a list, as config.json holds it
+        self.token_features = tuple(self.token_features)  # lists, as config.json holds them
+        self.unread_features = tuple(self.unread_features)
 
     def block_config(self) -> DiTConfig:
         return DiTConfig(dim=self.dim, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio, text_dim=self.text_dim)
@@ -67,11 +74,12 @@ def canvas_condition(width: int, height: int, seconds: float) -> torch.Tensor:
     return torch.tensor([math.log(width / height), seconds], dtype=torch.float32)
 
 
-class LayoutPlanner(Pretrained, nn.Module):
-    config_class = PlannerConfig
-    kind = "layout planner"
+class SlotTransformer(nn.Module):
+    """What the planner and the plan scorer share: object slots read as tokens (one per slot, or one
+    per attribute group), DiT blocks conditioned on the pooled prompt and the canvas (adaLN-Zero),
+    self-attention among the tokens, cross-attention to the text."""
 
-    def __init__(self, cfg: PlannerConfig = PlannerConfig()):
+    def __init__(self, cfg: PlannerConfig):
         super().__init__()
         self.cfg = cfg
         block_cfg = cfg.block_config()  # also checks that the head size suits the attention
@@ -79,11 +87,14 @@ class LayoutPlanner(Pretrained, nn.Module):
         groups = cfg.token_features or (cfg.features,)
         if sum(groups) != cfg.features or min(groups) < 1:
             raise ValueError(f"token_features {list(cfg.token_features)} must split the {cfg.features} slot features into groups")
-        # (K, F): which features token kind k reads and writes. One projection serves every kind, so
-        # a planner with one token per slot has exactly the parameters it always had.
+        # (K, F): which features token kind k reads and writes (none that are unread). One projection
+        # serves every kind, so a planner with one token per slot has exactly the parameters it always had.
         columns = torch.zeros(len(groups), cfg.features)
         for kind, (first, count) in enumerate(zip((0, *itertools.accumulate(groups)), groups)):
             columns[kind, first:first + count] = 1.0
+        if not all(0 <= column < cfg.features for column in cfg.unread_features):
+            raise ValueError(f"unread_features {list(cfg.unread_features)} must be columns of the {cfg.features} slot features")
+        columns[:, list(cfg.unread_features)] = 0.0
         self.register_buffer("kind_columns", columns, persistent=False)
         kind = torch.arange(cfg.slots * len(groups)) % len(groups)  # of each token, slot-major
         visible = (kind[:, None] == kind[None, :]) | (kind[:, None] == len(groups) - 1)  # (S * K, S * K)
@@ -92,20 +103,20 @@ class LayoutPlanner(Pretrained, nn.Module):
         self.slot_embedding = nn.Parameter(torch.randn(1, cfg.slots, d) * 0.02)
         if len(groups) > 1:
             self.kind_embedding = nn.Parameter(torch.randn(1, 1, len(groups), d) * 0.02)
-        self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.canvas_mlp = nn.Sequential(nn.Linear(2, d), nn.SiLU(), nn.Linear(d, d))
         self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
         self.text_pool = nn.Linear(cfg.text_dim, d)
         self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.adaLN_out = nn.Linear(d, 2 * d)
-        self.slots_out = nn.Linear(d, cfg.features)
+
+    def initialize(self, zero_layers):
+        """Xavier for every linear layer, then zeros for `zero_layers` (adaLN-Zero, as the denoiser)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for layer in (*(block.adaLN for block in self.blocks), *(block.cross.proj for block in self.blocks), self.adaLN_out, self.slots_out):
-            nn.init.zeros_(layer.weight)  # adaLN-Zero, as the denoiser
+        for layer in (*(block.adaLN for block in self.blocks), *(block.cross.proj for block in self.blocks), *zero_layers):
+            nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     @staticmethod
@@ -117,23 +128,62 @@ class LayoutPlanner(Pretrained, nn.Module):
         null_mask[:, 0] = True
         return text.masked_fill(drop[:, None, None], 0.0), torch.where(drop[:, None], null_mask, text_mask)
 
-    def forward(self, slots, t, text, text_mask, canvas):
-        """slots (B, S, F) noised to t (B,) in [0, 1], text (B / k, L, text_dim), text_mask (B / k, L), canvas (B, 2) -> velocity (B, S, F).
+    def read(self, slots, cond, text, text_mask, canvas):
+        """slots (B, S, F), cond (B, D) beyond the prompt and canvas, text (B / k, L, text_dim) with
+        text_mask (B / k, L), canvas (B, 2) -> tokens (B, S * K, D), full cond (B, D).
 
         Each prompt may condition k consecutive rows of slots (the tries of one prompt at sampling),
         so that the text, most of a small planner's work, is projected once per prompt."""
-        n_slots = slots.shape[1]
         x = self.slots_in(slots[:, :, None] * self.kind_columns) + self.slot_embedding[:, :, None]  # (B, S, K, D)
         if self.visible is not None:
             x = x + self.kind_embedding
         x = x.flatten(1, 2)  # (B, S * K, D)
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
-        prompt = self.text_pool(pooled).repeat_interleave(rows_per_text(slots, text), 0)
-        cond = self.time_mlp(timestep_embedding(t, 256)) + prompt + self.canvas_mlp(canvas)  # (B, D)
+        cond = cond + self.text_pool(pooled).repeat_interleave(rows_per_text(slots, text), 0) + self.canvas_mlp(canvas)
         context = self.text_in(text)
         still = torch.ones(x.shape[1], self.cfg.dim // self.cfg.heads // 2, dtype=torch.complex64, device=slots.device)
         for block in self.blocks:
             x = block(x, cond, context, text_mask, still, (1, 1, x.shape[1]), self.visible)
+        return self.norm_out(x), cond
+
+
+class LayoutPlanner(Pretrained, SlotTransformer):
+    config_class = PlannerConfig
+    kind = "layout planner"
+
+    def __init__(self, cfg: PlannerConfig = PlannerConfig()):
+        super().__init__(cfg)
+        d = cfg.dim
+        self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.adaLN_out = nn.Linear(d, 2 * d)
+        self.slots_out = nn.Linear(d, cfg.features)
+        self.initialize((self.adaLN_out, self.slots_out))
+
+    def forward(self, slots, t, text, text_mask, canvas):
+        """slots (B, S, F) noised to t (B,) in [0, 1], text (B / k, L, text_dim), text_mask (B / k, L), canvas (B, 2) -> velocity (B, S, F)."""
+        x, cond = self.read(slots, self.time_mlp(timestep_embedding(t, 256)), text, text_mask, canvas)
         shift, scale = self.adaLN_out(F.silu(cond)).chunk(2, dim=-1)
-        out = self.slots_out(modulate(self.norm_out(x), shift, scale)).unflatten(1, (n_slots, -1))  # (B, S, K, F)
+        out = self.slots_out(modulate(x, shift, scale)).unflatten(1, (slots.shape[1], -1))  # (B, S, K, F)
         return (out * self.kind_columns).sum(2)  # each feature as its own kind's token writes it
+
+
+class PlanScorer(Pretrained, SlotTransformer):
+    """How well a whole plan (clean slots) says what its prompt states, as one number: the sum of
+    what each token judges of its own attributes. Trained to rank a caption's true plan above plans
+    that contradict it (training/planner.py `PlanBatches`), it picks among the planner's draws: a
+    generative planner learns every attribute's odds at once, and a draw that gives an object the
+    motion of the object named beside it costs its loss no more than any other wrong motion; the
+    scorer is taught that contrast directly."""
+
+    config_class = PlannerConfig
+    kind = "plan scorer"
+
+    def __init__(self, cfg: PlannerConfig = PlannerConfig()):
+        super().__init__(cfg)
+        self.score_out = nn.Linear(cfg.dim, 1)
+        self.initialize((self.score_out,))
+
+    def forward(self, slots, text, text_mask, canvas):
+        """slots (B, S, F), text (B / k, L, text_dim), text_mask (B / k, L), canvas (B, 2) -> scores (B,)."""
+        x, _ = self.read(slots, 0.0, text, text_mask, canvas)
+        return self.score_out(x).sum((1, 2))

@@ -7,7 +7,9 @@ the one the others agree with most (`consensus`). A plan that breaks the world's
 drawn as the prompt asks: two objects drawn on top of each other are one blob to anyone counting
 them. And the planner's likeliest reading is the one most draws share: on the held-out prompts, the
 first allowed of 8 draws got 140 of 200 plans fully right, the consensus of 32 153 (and 158 against
-157 on another 200, with more attribute checks passed on both). `PlannedScenes` renders those
+157 on another 200, with more attribute checks passed on both). Where the planner's folder holds
+a plan scorer (`scorer/`, models/planner.py `PlanScorer`), the allowed draw it rates best is kept
+instead (`load_planning` loads both). `PlannedScenes` renders those
 objects exactly as Shapes World would, so the judge can score a planner alone: the share of
 held-out prompts a layout model could get fully right if its denoiser painted every plan perfectly.
 """
@@ -21,13 +23,14 @@ import torch
 
 from kinetoscope.data import world
 from kinetoscope.data.captions import parse_prompt
-from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, slots_to_objects
+from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, scene_to_slots, slots_to_objects
 from kinetoscope.diffusion.rectified_flow import euler_sample
-from kinetoscope.models.planner import LayoutPlanner, canvas_condition
+from kinetoscope.models.planner import LayoutPlanner, PlanScorer, canvas_condition
 from kinetoscope.models.text_encoder import TextEncoder
 
 PLAN_STEPS = 24  # Euler steps over 3 slot tokens: a few milliseconds
 PLAN_TRIES = 32  # plans drawn at once per prompt, of which the consensus of those the world allows is kept
+SCORER_FOLDER = "scorer"  # inside a planner's folder: the PlanScorer that picks among its plans
 RELATION_MARGIN = 0.1  # of the canvas: starts nearer than this are level
 
 
@@ -41,11 +44,11 @@ def check_planner(planner: LayoutPlanner):
 @torch.no_grad()
 def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor, width: int, height: int, seconds: float,
                  generator: torch.Generator, steps: int = PLAN_STEPS, tries: int = PLAN_TRIES,
-                 guidance: float | None = None) -> list[tuple[world.ShapeObject, ...]]:
+                 guidance: float | None = None, scorer: PlanScorer | None = None) -> list[tuple[world.ShapeObject, ...]]:
     """The objects the planner places for each prompt (text (B, L, D), mask (B, L)) on a canvas of
-    width x height pixels lasting `seconds`, seeded by `generator`: of `tries` plans each, the
-    consensus of those the world allows, or of all where none is. Drawn with classifier-free
-    `guidance` (None: the planner's own, `cfg.guidance`)."""
+    width x height pixels lasting `seconds`, seeded by `generator`: of `tries` plans each, of those
+    the world allows (or all, where it allows none), the one `scorer` rates best, or without one
+    the consensus. Drawn with classifier-free `guidance` (None: the planner's own, `cfg.guidance`)."""
     device = text.device
     b = text.shape[0]
     guidance = planner.cfg.guidance if guidance is None else guidance
@@ -67,8 +70,24 @@ def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor,
     for prompt in range(b):
         drawn = [slots_to_objects(row) for row in slots[prompt * tries:(prompt + 1) * tries]]
         allowed = [plan for plan in drawn if world.is_possible(plan, width / height, seconds)] or drawn
-        plans.append(consensus(allowed, drawn))
+        plans.append(consensus(allowed, drawn) if scorer is None else
+                     best_scored(scorer, allowed, text[prompt:prompt + 1], mask[prompt:prompt + 1], canvas[:1]))
     return plans
+
+
+def best_scored(scorer: PlanScorer, candidates, text: torch.Tensor, mask: torch.Tensor, canvas: torch.Tensor):
+    """Of the candidate plans for one prompt (text (1, L, D), mask (1, L), canvas (1, 2)), the one
+    the scorer rates best; the first of equals, the planner's own order."""
+    slots = torch.from_numpy(np.stack([scene_to_slots(plan) for plan in candidates])).to(text.device)
+    scores = scorer(slots, text, mask, canvas.expand(len(candidates), -1)).float()
+    return candidates[int(scores.argmax())]
+
+
+def load_planning(directory: str | Path) -> tuple[LayoutPlanner, PlanScorer | None]:
+    """A planner folder's planner, and the scorer in its `scorer/` folder where it has one."""
+    directory = Path(directory)
+    scorer = directory / SCORER_FOLDER
+    return LayoutPlanner.from_pretrained(directory), PlanScorer.from_pretrained(scorer) if scorer.is_dir() else None
 
 
 def plan_traits(objects: tuple[world.ShapeObject, ...]) -> set[tuple]:
@@ -96,9 +115,10 @@ class PlannedScenes:
     itself on the prompt's background (black where it names none; the planner places objects only)."""
 
     def __init__(self, planner: LayoutPlanner, text_encoder: TextEncoder, fps: float = 8.0, size: tuple[int, int] = (128, 128),
-                 tries: int = PLAN_TRIES, guidance: float | None = None):
+                 tries: int = PLAN_TRIES, guidance: float | None = None, scorer: PlanScorer | None = None):
         check_planner(planner)
         self.planner = planner.eval()
+        self.scorer = scorer
         self.text_encoder = text_encoder
         self.fps = fps
         self.size = size
@@ -106,8 +126,9 @@ class PlannedScenes:
         self.guidance = guidance
 
     @classmethod
-    def load(cls, weights: str | Path, tries: int = PLAN_TRIES, guidance: float | None = None) -> "PlannedScenes":
-        return cls(LayoutPlanner.from_pretrained(weights), TextEncoder.load("cpu"), tries=tries, guidance=guidance)
+    def load(cls, weights: str | Path, tries: int = PLAN_TRIES, guidance: float | None = None, scored: bool = True) -> "PlannedScenes":
+        planner, scorer = load_planning(weights)
+        return cls(planner, TextEncoder.load("cpu"), tries=tries, guidance=guidance, scorer=scorer if scored else None)
 
     def frames_for(self, seconds: float) -> int:
         return 1 + round(seconds * self.fps)
@@ -118,7 +139,7 @@ class PlannedScenes:
         width, height = self.size
         text, mask = self.text_encoder.encode([prompt])
         objects = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed),
-                               tries=self.tries, guidance=self.guidance)[0]
+                               tries=self.tries, guidance=self.guidance, scorer=self.scorer)[0]
         background = parse_prompt(prompt).background or "black"
         scene = world.Scene(objects, background)
         return GeneratedVideo(world.render(scene, width, height, frames, self.fps), self.fps, seed, plan=objects)

@@ -31,10 +31,10 @@ from kinetoscope.data.layout import LAYOUT_CHANNELS, MAX_OBJECTS, layout_inputs,
 from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, add_noise, predicted_clean
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer
-from kinetoscope.models.planner import LayoutPlanner
+from kinetoscope.models.planner import LayoutPlanner, PlanScorer
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
-from kinetoscope.pipelines.layout import check_planner, plan_objects
+from kinetoscope.pipelines.layout import check_planner, load_planning, plan_objects
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "generator"
 MAX_PROMPT_CHARS = 1000
@@ -94,7 +94,7 @@ class GeneratedVideo:
 class TextToVideo:
     def __init__(self, transformer: DiffusionTransformer, autoencoder: VideoAutoencoder, text_encoder: TextEncoder,
                  schedule: FlowSchedule = FlowSchedule(), fps: float = 8.0, device: str | torch.device = "cpu",
-                 sampling: SamplingSettings | None = None, planner: LayoutPlanner | None = None):
+                 sampling: SamplingSettings | None = None, planner: LayoutPlanner | None = None, plan_scorer: PlanScorer | None = None):
         if transformer.cfg.layout_channels not in (0, LAYOUT_CHANNELS):
             raise ValueError(f"the transformer takes {transformer.cfg.layout_channels} layout channels; this version draws {LAYOUT_CHANNELS}")
         if transformer.cfg.silhouette_channels not in (0, silhouette_channels(autoencoder.cfg.temporal_factor)):
@@ -107,6 +107,9 @@ class TextToVideo:
         if planner is not None:
             check_planner(planner)
         self.planner = planner.to(device).eval() if planner is not None else None
+        if plan_scorer is not None and planner is None:
+            raise ValueError("a plan scorer picks among a layout planner's plans; this model has no planner")
+        self.plan_scorer = plan_scorer.to(device).eval() if plan_scorer is not None else None
         if transformer.cfg.latent_channels != autoencoder.cfg.latent_channels:
             raise ValueError(f"the transformer denoises {transformer.cfg.latent_channels} latent channels but the autoencoder "
                              f"makes {autoencoder.cfg.latent_channels}: name the transformer's own autoencoder in pipeline.json")
@@ -147,9 +150,9 @@ class TextToVideo:
         unknown = set(sampling or {}) - set(SamplingSettings.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{directory / 'pipeline.json'}: unknown sampling setting(s) {', '.join(sorted(unknown))}")
-        planner = LayoutPlanner.from_pretrained(directory / settings["planner"]) if "planner" in settings else None
+        planner, plan_scorer = load_planning(directory / settings["planner"]) if "planner" in settings else (None, None)
         return cls(transformer, autoencoder, TextEncoder.load(device), schedule, float(fps), device,
-                   None if sampling is None else SamplingSettings(**sampling), planner)
+                   None if sampling is None else SamplingSettings(**sampling), planner, plan_scorer)
 
     def compile(self) -> "TextToVideo":
         """Run the transformer through torch.compile from now on: faster at every step once warm.
@@ -269,7 +272,8 @@ class TextToVideo:
         layout = None
         if self.planner is not None:
             if plan is None:
-                plan = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed))[0]
+                plan = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed),
+                                    scorer=self.plan_scorer)[0]
             plan = tuple(plan)
             frames_per_step = self.autoencoder.cfg.temporal_factor if self.transformer.cfg.silhouette_channels else None
             layout = layout_inputs([plan], (width, height), frames, self.fps, self.transformer.token_grid(latent_shape),

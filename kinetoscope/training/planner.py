@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kinetoscope.data import captions, world
 from kinetoscope.data.dataset import Bucket
-from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, SLOT_TOKEN_FEATURES, in_mention_order, scene_to_slots, slot_columns
+from kinetoscope.data.layout import (MAX_OBJECTS, SLOT_FEATURES, SLOT_GROUPS, SLOT_TOKEN_FEATURES, in_mention_order, plan_states,
+                                     scene_to_slots, slot_columns)
 from kinetoscope.diffusion.rectified_flow import add_noise, velocity_target
-from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, canvas_condition
+from kinetoscope.models.checkpoint import load_checkpoint
+from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, PlanScorer, canvas_condition
 from kinetoscope.models.text_encoder import TextEncoder
 from kinetoscope.training.common import (BatchPool, RecipeError, RunDirectory, Stopwatch, check_train_settings, learning_rate,
                                          load_recipe, replace_folder, reuse_setting, run_progress)
@@ -39,11 +43,13 @@ REQUIRED = {
     "eval": ("per_tier",),
 }
 KNOWN = {
-    "model": ("dim", "depth", "heads", "mlp_ratio", "guidance", "init", "attribute_tokens"),
-    "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate", "stand_in_rate"),
+    "model": ("role", "dim", "depth", "heads", "mlp_ratio", "guidance", "init", "attribute_tokens", "unread"),
+    "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate", "stand_in_rate", "negatives"),
     "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight", "caption_dropout"),
-    "eval": REQUIRED["eval"],
+    "eval": (*REQUIRED["eval"], "planner"),
 }
+UNREADABLE = tuple(name for name in SLOT_GROUPS if name != "color")  # a colour names its object: every model reads it
+ROLES = ("planner", "scorer")  # [model] role: a LayoutPlanner, or a PlanScorer to pick among its plans
 
 
 # Words before a caption that say nothing of its scene. Every training caption starts with its first
@@ -144,24 +150,116 @@ class SceneBatches:
         self.text_encoder = text_encoder
         self.rng = np.random.default_rng(seed)
 
+    def captioned_scene(self):
+        """One training scene as (its objects in the order the caption names them, the caption as
+        the model reads it, what the caption states (`captions.parse_prompt`, read before any
+        rewording; no shape under stand-ins), whether its shapes are stand-ins, canvas (2,))."""
+        bucket = self.buckets[self.rng.integers(len(self.buckets))]
+        seconds = (bucket.frames - 1) / self.fps
+        scene = world.sample_scene(self.rng, bucket.width / bucket.height, max(seconds, 1 / self.fps), captions.TRAIN_SCENES)
+        caption = captions.caption_variants(scene, self.rng, count=1, split="train")[0]
+        stated = captions.parse_prompt(caption)
+        objects = in_mention_order(scene.objects, caption)
+        if self.paraphrase_rate:
+            caption = paraphrase_verbs(caption, self.rng, self.paraphrase_rate)
+        stand_in = self.rng.random() < self.stand_in_rate
+        if stand_in:
+            caption = stand_in_nouns(caption, self.rng)
+            stated = replace(stated, objects=tuple(replace(obj, shape=None) for obj in stated.objects))
+        if self.rng.random() < self.lead_in_rate:
+            caption = LEAD_INS[self.rng.integers(len(LEAD_INS))] + caption
+        return objects, caption, stated, stand_in, canvas_condition(bucket.width, bucket.height, seconds)
+
     def __call__(self):
         slots, texts, canvases = [], [], []
         for _ in range(self.batch_size):
-            bucket = self.buckets[self.rng.integers(len(self.buckets))]
-            seconds = (bucket.frames - 1) / self.fps
-            scene = world.sample_scene(self.rng, bucket.width / bucket.height, max(seconds, 1 / self.fps), captions.TRAIN_SCENES)
-            caption = captions.caption_variants(scene, self.rng, count=1, split="train")[0]
-            rows = scene_to_slots(in_mention_order(scene.objects, caption))
-            if self.paraphrase_rate:
-                caption = paraphrase_verbs(caption, self.rng, self.paraphrase_rate)
-            if self.rng.random() < self.stand_in_rate:
-                caption = stand_in_nouns(caption, self.rng)
+            objects, caption, _, stand_in, canvas = self.captioned_scene()
+            rows = scene_to_slots(objects)
+            if stand_in:
                 rows[:, slot_columns("shape")] = 0.0
             slots.append(rows)
-            if self.rng.random() < self.lead_in_rate:
-                caption = LEAD_INS[self.rng.integers(len(LEAD_INS))] + caption
             texts.append(caption)
-            canvases.append(canvas_condition(bucket.width, bucket.height, seconds))
+            canvases.append(canvas)
+        text, mask = self.text_encoder.encode(texts)
+        return torch.from_numpy(np.stack(slots)), text, mask, torch.stack(canvases)
+
+
+# How a plan may be made to contradict its caption, and how often: give one object another object's
+# attribute (most often its motion, the planner's commonest error), change one attribute, drop or add
+# an object, or move objects past each other.
+CONTRADICTIONS = {"swap motion": 4, "swap color": 1, "swap shape": 1, "swap size": 1, "swap start": 2, "change color": 1,
+                  "change shape": 1, "change size": 1, "change motion": 2, "change speed": 1, "drop": 1, "add": 1}
+
+
+def contradict(objects: tuple[world.ShapeObject, ...], stated: world.Scene, rng: np.random.Generator,
+               attempts: int = 50) -> tuple[world.ShapeObject, ...] | None:
+    """A plan like `objects` that says something `stated` contradicts and shows no held-out
+    combination (so that no held-out pair is trained on, as a wrong plan either); None when
+    `attempts` random changes found none."""
+    kinds, weights = zip(*CONTRADICTIONS.items())
+    weights = np.asarray(weights, dtype=float) / sum(weights)
+    for _ in range(attempts):
+        kind, _, name = str(rng.choice(kinds, p=weights)).partition(" ")
+        plan = list(objects)
+        if kind == "swap" and len(plan) > 1:
+            i, j = rng.choice(len(plan), 2, replace=False)
+            names = ("motion", "speed") if name == "motion" else (name,)
+            plan[i], plan[j] = (replace(plan[i], **{n: getattr(plan[j], n) for n in names}),
+                                replace(plan[j], **{n: getattr(plan[i], n) for n in names}))
+        elif kind == "change" and plan:
+            i = rng.integers(len(plan))
+            plan[i] = changed(plan[i], name, rng)
+        elif kind == "drop" and len(plan) > 1:
+            del plan[rng.integers(len(plan))]
+        elif kind == "add" and len(plan) < MAX_OBJECTS:
+            i = rng.integers(len(plan))  # a twin beside it, as a caption's group of like objects
+            plan.insert(i + 1, replace(plan[i], start=tuple(float(v) for v in rng.uniform(0.2, 0.8, 2))))
+        plan = tuple(plan)
+        if (plan != objects and all(obj.motion != "spin" or obj.shape != "circle" for obj in plan)
+                and not captions.is_heldout_scene(world.Scene(plan, stated.background or "black"))
+                and not plan_states(plan, stated)):
+            return plan
+    return None
+
+
+def changed(obj: world.ShapeObject, name: str, rng: np.random.Generator) -> world.ShapeObject:
+    """`obj` with its attribute `name` (or its motion's speed) drawn afresh."""
+    choices = {"color": tuple(world.COLORS), "shape": world.SHAPES, "size": tuple(world.SIZES), "motion": world.MOTIONS,
+               "speed": tuple(world.SPEEDS)}[name]
+    value = choices[rng.integers(len(choices))]
+    if name == "speed":
+        return replace(obj, speed=value if obj.motion in world.LINEAR_MOTIONS else None)
+    if name == "motion":
+        speed = obj.speed or tuple(world.SPEEDS)[rng.integers(len(world.SPEEDS))]
+        return replace(obj, motion=value, speed=speed if value in world.LINEAR_MOTIONS else None)
+    return replace(obj, **{name: value})
+
+
+class PlanBatches(SceneBatches):
+    """For the plan scorer: each scene's true plan followed by `negatives` plans its caption
+    contradicts (`contradict`), as (slots (B * (1 + negatives), S, F), text (B, L, D), mask (B, L),
+    canvas (B * (1 + negatives), 2)): rows i * (1 + negatives)... belong to caption i, true plan first.
+    A scorer that leaves attributes `unread` is shown no plan wrong in those alone: to it, that
+    plan is the true one."""
+
+    def __init__(self, data: dict, text_encoder: TextEncoder, seed: int, negatives: int, unread: Sequence[str] = ()):
+        super().__init__(data, text_encoder, seed)
+        self.negatives = negatives
+        self.unread = dict.fromkeys(unread)
+
+    def __call__(self):
+        slots, texts, canvases = [], [], []
+        while len(texts) < self.batch_size:
+            objects, caption, stated, _, canvas = self.captioned_scene()
+            stated = replace(stated, objects=tuple(replace(obj, **self.unread) for obj in stated.objects))
+            plans = [objects]
+            while len(plans) <= self.negatives and (wrong := contradict(tuple(objects), stated, self.rng)) is not None:
+                plans.append(wrong)
+            if len(plans) <= self.negatives:
+                continue  # a caption too vague to contradict often enough
+            slots.extend(scene_to_slots(plan) for plan in plans)
+            texts.append(caption)
+            canvases.extend([canvas] * len(plans))
         text, mask = self.text_encoder.encode(texts)
         return torch.from_numpy(np.stack(slots)), text, mask, torch.stack(canvases)
 
@@ -184,6 +282,13 @@ def planner_loss(planner: LayoutPlanner, slots, text, mask, canvas, generator=No
     return ((prediction - velocity_target(slots, noise)) ** 2 * weights).mean() / weights.mean()
 
 
+def scorer_loss(scorer: PlanScorer, slots, text, mask, canvas) -> torch.Tensor:
+    """Cross-entropy of picking each caption's true plan among its plans (`PlanBatches`: the true
+    one first), by their scores."""
+    scores = scorer(slots, text, mask, canvas).float().unflatten(0, (text.shape[0], -1))  # (B, 1 + negatives)
+    return F.cross_entropy(scores, torch.zeros(text.shape[0], dtype=torch.long, device=scores.device))
+
+
 def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None):
     recipe = load_recipe(recipe_path, REQUIRED, KNOWN)
     settings = recipe["train"]
@@ -201,37 +306,53 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     if isinstance(caption_dropout, bool) or not isinstance(caption_dropout, (int, float)) or not 0 <= caption_dropout < 1:
         raise RecipeError(f"[train] caption_dropout must be a number from 0 up to (not including) 1, not {caption_dropout!r}")
     torch.manual_seed(settings["seed"])
+    role = recipe["model"].get("role", "planner")
+    if role not in ROLES:
+        raise RecipeError(f"[model] role must be one of {', '.join(ROLES)}, not {role!r}")
     attribute_tokens = recipe["model"].get("attribute_tokens", False)
     if not isinstance(attribute_tokens, bool):
         raise RecipeError(f"[model] attribute_tokens must be true or false, not {attribute_tokens!r}")
+    unread = recipe["model"].get("unread", [])
+    if not isinstance(unread, list) or not set(unread) <= set(UNREADABLE):
+        raise RecipeError(f"[model] unread must list slot attributes out of {', '.join(UNREADABLE)}, not {unread!r}")
     try:
-        planner = LayoutPlanner(PlannerConfig(slots=MAX_OBJECTS, features=SLOT_FEATURES,
-                                              token_features=SLOT_TOKEN_FEATURES if attribute_tokens else (),
-                                              **{k: v for k, v in recipe["model"].items() if k not in ("init", "attribute_tokens")}))
+        model = (LayoutPlanner if role == "planner" else PlanScorer)(PlannerConfig(
+            slots=MAX_OBJECTS, features=SLOT_FEATURES, token_features=SLOT_TOKEN_FEATURES if attribute_tokens else (),
+            unread_features=tuple(column for name in unread for column in range(SLOT_FEATURES)[slot_columns(name)]),
+            **{k: v for k, v in recipe["model"].items() if k not in ("role", "init", "attribute_tokens", "unread")}))
     except (TypeError, ValueError) as error:
         raise RecipeError(f"[model]: {error}") from None
-    if planner.cfg.guidance != 1 and not caption_dropout:
+    if role == "planner" and model.cfg.guidance != 1 and not caption_dropout:
         raise RecipeError("[model] guidance other than 1 needs [train] caption_dropout: a planner never shown the empty prompt has no unconditional plan")
+    if role == "scorer":
+        negatives = recipe["data"].get("negatives")
+        if isinstance(negatives, bool) or not isinstance(negatives, int) or not 1 <= negatives <= 64:
+            raise RecipeError(f"[data] negatives (wrong plans per caption) must be a whole number from 1 to 64, not {negatives!r}")
+        if not isinstance(evaluation.get("planner"), str):
+            raise RecipeError("[eval] planner must name the planner folder whose plans the scorer picks among")
+        judged_planner = load_planner(evaluation["planner"])
     text_encoder = TextEncoder.load("cpu")
     run = RunDirectory(output or settings["output"])
-    ema = copy.deepcopy(planner).requires_grad_(False)
-    optimizer = torch.optim.AdamW(planner.parameters(), lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.99), weight_decay=settings["weight_decay"])
     step, carried = 0, 0.0
     run.recover()
     if run.has_checkpoint():
         run.check_resumable(recipe)
-        planner.load_state_dict(load_file(run.checkpoint / "model.safetensors"))
+        model.load_state_dict(load_file(run.checkpoint / "model.safetensors"))
         ema.load_state_dict(load_file(run.checkpoint / "ema.safetensors"))
         state = run.load_state(optimizer)
         step, carried = state["step"], state["elapsed_s"]
         print(f"resuming from step {step} ({carried / 60:.1f} min so far)")
     elif recipe["model"].get("init"):  # continue from exported weights (the EMA): a fresh optimizer
-        start_from(planner, recipe["model"]["init"])
-        ema.load_state_dict(planner.state_dict())
+        start_from(model, recipe["model"]["init"])
+        ema.load_state_dict(model.state_dict())
         print(f"starting from the weights in {recipe['model']['init']}")
     seed = settings["seed"] * 1_000_003 + step  # a resumed run draws fresh scenes and noise
     torch.manual_seed(seed)
-    batches = SceneBatches(recipe["data"], text_encoder, recipe["data"]["seed"] * 1_000_003 + step)
+    data_seed = recipe["data"]["seed"] * 1_000_003 + step
+    batches = (SceneBatches(recipe["data"], text_encoder, data_seed) if role == "planner"
+               else PlanBatches(recipe["data"], text_encoder, data_seed, negatives, unread))
     pool = BatchPool(batches, reuse, seed)
     clock = Stopwatch(carried)
 
@@ -241,71 +362,82 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         save_file({k: v.contiguous() for k, v in averaged.state_dict().items()}, directory / "ema.safetensors")
 
     def checkpoint():
-        run.save((planner, ema), optimizer, {"step": step, "elapsed_s": clock.elapsed, "recipe": recipe}, save_model)
+        run.save((model, ema), optimizer, {"step": step, "elapsed_s": clock.elapsed, "recipe": recipe}, save_model)
 
     last_checkpoint = clock.elapsed
-    bar = tqdm(total=total_steps, initial=step, desc="planner", dynamic_ncols=True)
-    planner.train()
+    bar = tqdm(total=total_steps, initial=step, desc=role, dynamic_ncols=True)
+    evaluated = (ema, None) if role == "planner" else (judged_planner, ema)
+    model.train()
     while (fraction := run_progress(step, total_steps, clock.elapsed, minutes)) < 1.0:
         lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = planner_loss(planner, *pool.next(), start_weight=float(start_weight), caption_dropout=float(caption_dropout))
+        loss = (planner_loss(model, *pool.next(), start_weight=float(start_weight), caption_dropout=float(caption_dropout))
+                if role == "planner" else scorer_loss(model, *pool.next()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(planner.parameters(), settings["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
         if torch.isfinite(grad_norm):
             optimizer.step()
             with torch.no_grad():
                 decay = min(settings["ema_decay"], (1 + step) / (10 + step))
-                torch._foreach_lerp_(list(ema.parameters()), list(planner.parameters()), 1 - decay)
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % settings["log_every"] == 0:
             run.log({"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "elapsed_s": round(clock.elapsed, 1)})
         if step % settings["eval_every"] == 0:
-            evaluate(ema, text_encoder, recipe, run, step)
+            evaluate(*evaluated, text_encoder, recipe, run, step)
         if clock.elapsed - last_checkpoint > settings["checkpoint_minutes"] * 60:
             checkpoint()
             last_checkpoint = clock.elapsed
     bar.close()
     checkpoint()
     if step % settings["eval_every"]:
-        evaluate(ema, text_encoder, recipe, run, step)
+        evaluate(*evaluated, text_encoder, recipe, run, step)
     return export(ema, run, step, clock.elapsed)
 
 
-def start_from(planner: LayoutPlanner, directory: str):
-    """Load an exported planner of the recipe's shape into `planner` (its guidance may differ). A
-    planner with one token per slot may start one with attribute tokens: every weight is shared,
-    and only the embedding of the token kinds starts afresh."""
+def start_from(model: LayoutPlanner | PlanScorer, directory: str):
+    """Load exported weights of the recipe's shape into `model` (their guidance may differ). A
+    planner with one token per slot may start one with attribute tokens, or the reverse: every
+    weight is shared but the embedding of the token kinds. A planner may start a scorer: it
+    already reads prompts and plans, and only the scorer's head starts afresh."""
     try:
-        start = LayoutPlanner.from_pretrained(directory)
-    except (OSError, ValueError, RuntimeError) as error:
+        cfg, state = load_checkpoint(directory, PlannerConfig, "layout planner or plan scorer")
+    except (OSError, ValueError) as error:
         raise RecipeError(f"[model] init: {error}") from None
-    if (replace(start.cfg, guidance=planner.cfg.guidance, token_features=planner.cfg.token_features) != planner.cfg
-            or start.cfg.token_features not in ((), planner.cfg.token_features)):
-        raise RecipeError(f"[model] init {directory} is a {start.cfg}; the recipe's is a {planner.cfg}")
-    missing, _ = planner.load_state_dict(start.state_dict(), strict=False)
-    if set(missing) - {"kind_embedding"}:
+    if replace(cfg, guidance=model.cfg.guidance, token_features=model.cfg.token_features, unread_features=model.cfg.unread_features) != model.cfg:
+        raise RecipeError(f"[model] init {directory} is a {cfg}; the recipe's is a {model.cfg}")
+    missing, _ = model.load_state_dict(state, strict=False)
+    if set(missing) - {"kind_embedding", "score_out.weight", "score_out.bias"}:
         raise RecipeError(f"[model] init {directory} lacks {', '.join(sorted(missing))}")
 
 
+def load_planner(directory: str) -> LayoutPlanner:
+    try:
+        return LayoutPlanner.from_pretrained(directory)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise RecipeError(f"[eval] planner: {error}") from None
+
+
 @torch.no_grad()
-def evaluate(ema: LayoutPlanner, text_encoder: TextEncoder, recipe: dict, run: RunDirectory, step: int) -> dict:
-    """Plan held-out prompts, render the plans, judge them; log the rates and save a contact sheet."""
+def evaluate(planner: LayoutPlanner, scorer: PlanScorer | None, text_encoder: TextEncoder, recipe: dict, run: RunDirectory,
+             step: int) -> dict:
+    """Plan held-out prompts (picked among by `scorer`, if any), render the plans, judge them; log
+    the rates and save a contact sheet."""
     from kinetoscope.eval.generation import evaluate_generator, held_out_prompts
     from kinetoscope.media.frames import save_contact_sheet
     from kinetoscope.pipelines.layout import PlannedScenes
 
-    planned = PlannedScenes(ema.eval(), text_encoder, fps=recipe["data"]["fps"])
+    planned = PlannedScenes(planner.eval(), text_encoder, fps=recipe["data"]["fps"], scorer=scorer and scorer.eval())
     report = evaluate_generator(planned, per_tier=recipe["eval"]["per_tier"])
     record = {"step": step}
     for tier, result in report["tiers"].items():
         record[f"eval_fully_right {tier}"] = result["fully_right"]
     run.log(record)
-    run.plot_loss(("loss",), title=f"planner loss (plans fully right at step {step}: "
+    run.plot_loss(("loss",), title=f"{'scorer' if scorer else 'planner'} loss (plans fully right at step {step}: "
                   + " / ".join(f"{r['fully_right']:.0%}" for r in report["tiers"].values()) + ")")
     prompts = held_out_prompts(recipe["eval"]["per_tier"])
     shown = [item for item, _ in report["failures"][:12]]
@@ -315,8 +447,8 @@ def evaluate(ema: LayoutPlanner, text_encoder: TextEncoder, recipe: dict, run: R
     return report
 
 
-def export(ema: LayoutPlanner, run: RunDirectory, step: int, elapsed: float):
+def export(ema: LayoutPlanner | PlanScorer, run: RunDirectory, step: int, elapsed: float):
     final = replace_folder(run.root / "final", lambda folder: ema.save_pretrained(
         folder, {"trained_steps": step, "wall_time_s": round(elapsed), "hardware": f"CPU ({torch.get_num_threads()} threads)"}))
-    print(f"exported the planner to {final} after {step} steps, {elapsed / 60:.1f} min")
+    print(f"exported the {ema.kind} to {final} after {step} steps, {elapsed / 60:.1f} min")
     return final
