@@ -19,7 +19,7 @@ from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, PlanScorer, canvas_condition
 from kinetoscope.pipelines.text_to_video import TextToVideo
 from kinetoscope.training.common import RecipeError
-from kinetoscope.training.planner import PlanBatches, contradict, planner_loss, scorer_loss, train as train_planner
+from kinetoscope.training.planner import PlanBatches, contradict, planner_loss, scorer_loss, start_from, train as train_planner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training import TINY_RECIPE  # noqa: E402
@@ -146,6 +146,25 @@ def test_a_planner_with_one_token_per_slot_starts_one_with_attribute_tokens_and_
                                                  "attribute_tokens must be true or false"),
                                                 (PLANNER_RECIPE.replace("heads = 2", f"heads = 2\ninit = '{exported}'").replace("depth = 1", "depth = 2"),
                                                  "init")))
+
+
+def test_text_layers_start_as_the_identity_and_let_the_words_look_at_each_other(tmp_path):
+    recipe = tmp_path / "planner.toml"
+    recipe.write_text(PLANNER_RECIPE)
+    first = train_planner(str(recipe), output=str(tmp_path / "first"), steps=1)
+    recipe.write_text(PLANNER_RECIPE.replace("heads = 2", f"heads = 2\ntext_layers = 1\ninit = '{first}'"))
+    layered = LayoutPlanner(replace(TINY_PLANNER, text_layers=1))
+    start_from(layered, str(first))
+    plain = LayoutPlanner.from_pretrained(first)
+    slots, t, canvas = torch.randn(2, 3, SLOT_FEATURES), torch.rand(2), torch.randn(2, 2)
+    text, mask = torch.randn(2, 5, 384), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    torch.testing.assert_close(layered.eval()(slots, t, text, mask, canvas), plain(slots, t, text, mask, canvas))
+    exported = LayoutPlanner.from_pretrained(train_planner(str(recipe), output=str(tmp_path / "layered"), steps=2))
+    assert exported.cfg.text_layers == 1 and not torch.equal(exported.text_layers[0].linear2.weight, torch.zeros_like(exported.text_layers[0].linear2.weight))
+    later = text.clone()
+    later[0, 4] = torch.randn(384)  # a later word changes what the first one carries to the slots
+    refined = [exported.text_layers[0](exported.text_in(words))[0, 0] for words in (text, later)]
+    assert not torch.allclose(*refined)
 
 
 class RecordingEncoder:

@@ -60,6 +60,7 @@ class PlannerConfig:
     guidance: float = 1.0  # classifier-free guidance its plans are drawn with: above 1 only once trained with caption dropout
     token_features: tuple[int, ...] = ()  # features of each of a slot's tokens, in column order; () for one token per slot
     unread_features: tuple[int, ...] = ()  # columns of a slot it never reads (zeroed on the way in)
+    text_layers: int = 0  # transformer layers over the prompt's tokens before the slots read them
 
     def __post_init__(self):
         self.token_features = tuple(self.token_features)  # lists, as config.json holds them
@@ -106,16 +107,21 @@ class SlotTransformer(nn.Module):
         self.canvas_mlp = nn.Sequential(nn.Linear(2, d), nn.SiLU(), nn.Linear(d, d))
         self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
         self.text_pool = nn.Linear(cfg.text_dim, d)
+        self.text_layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, cfg.heads, int(d * cfg.mlp_ratio), dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(cfg.text_layers))
         self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
 
     def initialize(self, zero_layers):
-        """Xavier for every linear layer, then zeros for `zero_layers` (adaLN-Zero, as the denoiser)."""
+        """Xavier for every linear layer, then zeros for `zero_layers` and for each residual branch's
+        last layer (adaLN-Zero, as the denoiser): every text layer starts as the identity."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for layer in (*(block.adaLN for block in self.blocks), *(block.cross.proj for block in self.blocks), *zero_layers):
+        for layer in (*(block.adaLN for block in self.blocks), *(block.cross.proj for block in self.blocks),
+                      *(branch for layer in self.text_layers for branch in (layer.self_attn.out_proj, layer.linear2)), *zero_layers):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -141,6 +147,8 @@ class SlotTransformer(nn.Module):
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
         cond = cond + self.text_pool(pooled).repeat_interleave(rows_per_text(slots, text), 0) + self.canvas_mlp(canvas)
         context = self.text_in(text)
+        for layer in self.text_layers:
+            context = layer(context, src_key_padding_mask=~text_mask)
         still = torch.ones(x.shape[1], self.cfg.dim // self.cfg.heads // 2, dtype=torch.complex64, device=slots.device)
         for block in self.blocks:
             x = block(x, cond, context, text_mask, still, (1, 1, x.shape[1]), self.visible)

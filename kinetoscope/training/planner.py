@@ -43,7 +43,7 @@ REQUIRED = {
     "eval": ("per_tier",),
 }
 KNOWN = {
-    "model": ("role", "dim", "depth", "heads", "mlp_ratio", "guidance", "init", "attribute_tokens", "unread"),
+    "model": ("role", "dim", "depth", "heads", "mlp_ratio", "text_layers", "guidance", "init", "attribute_tokens", "unread"),
     "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate", "stand_in_rate", "negatives"),
     "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight", "caption_dropout"),
     "eval": (*REQUIRED["eval"], "planner"),
@@ -402,16 +402,20 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 def start_from(model: LayoutPlanner | PlanScorer, directory: str):
     """Load exported weights of the recipe's shape into `model` (their guidance may differ). A
     planner with one token per slot may start one with attribute tokens, or the reverse: every
-    weight is shared but the embedding of the token kinds. A planner may start a scorer: it
-    already reads prompts and plans, and only the scorer's head starts afresh."""
+    weight is shared but the embedding of the token kinds. A planner may start one with more text
+    layers, which start as the identity. A planner may start a scorer: it already reads prompts
+    and plans, and only the scorer's head starts afresh."""
     try:
         cfg, state = load_checkpoint(directory, PlannerConfig, "layout planner or plan scorer")
     except (OSError, ValueError) as error:
         raise RecipeError(f"[model] init: {error}") from None
-    if replace(cfg, guidance=model.cfg.guidance, token_features=model.cfg.token_features, unread_features=model.cfg.unread_features) != model.cfg:
+    if replace(cfg, guidance=model.cfg.guidance, token_features=model.cfg.token_features, unread_features=model.cfg.unread_features,
+               text_layers=max(cfg.text_layers, model.cfg.text_layers)) != model.cfg:
         raise RecipeError(f"[model] init {directory} is a {cfg}; the recipe's is a {model.cfg}")
     missing, _ = model.load_state_dict(state, strict=False)
-    if set(missing) - {"kind_embedding", "score_out.weight", "score_out.bias"}:
+    new_text_layers = range(cfg.text_layers, model.cfg.text_layers)
+    if {key for key in missing if not key.startswith(tuple(f"text_layers.{layer}." for layer in new_text_layers))} - {
+            "kind_embedding", "score_out.weight", "score_out.bias"}:
         raise RecipeError(f"[model] init {directory} lacks {', '.join(sorted(missing))}")
 
 
