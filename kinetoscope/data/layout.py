@@ -151,12 +151,9 @@ def scene_to_slots(objects: Sequence[world.ShapeObject]) -> np.ndarray:
     slots[:, 0] = -1.0
     for row, obj in enumerate(objects):
         slots[row, 0] = 1.0
-        column = 1
         for name, choices in SLOT_GROUPS.items():
-            value = getattr(obj, name)
-            slots[row, column:column + len(choices)] = [1.0 if value == choice else -1.0 for choice in choices]
-            column += len(choices)
-        slots[row, column:] = 2 * np.asarray(obj.start, dtype=np.float32) - 1
+            slots[row, slot_columns(name)] = [1.0 if getattr(obj, name) == choice else -1.0 for choice in choices]
+        slots[row, -2:] = 2 * np.asarray(obj.start, dtype=np.float32) - 1
     return slots
 
 
@@ -168,15 +165,14 @@ def slots_to_objects(slots: np.ndarray) -> tuple[world.ShapeObject, ...]:
     for row in np.asarray(slots, dtype=np.float32):
         if row[0] <= 0:
             continue
-        chosen, column = {}, 1
+        chosen = {}
         for name, choices in SLOT_GROUPS.items():
-            scores = row[column:column + len(choices)]
+            scores = row[slot_columns(name)]
             if name == "motion" and chosen["shape"] == "circle":
                 scores = np.where(np.asarray(choices) == "spin", -np.inf, scores)
             chosen[name] = choices[int(np.argmax(scores))]
-            column += len(choices)
         speed = chosen["speed"] if chosen["motion"] in world.LINEAR_MOTIONS else None
-        start = tuple(float(v) for v in np.clip((row[column:column + 2] + 1) / 2, 0.0, 1.0))
+        start = tuple(float(v) for v in np.clip((row[-2:] + 1) / 2, 0.0, 1.0))
         objects.append(world.ShapeObject(chosen["color"], chosen["shape"], chosen["size"], chosen["motion"], speed, start))
     return tuple(objects)
 

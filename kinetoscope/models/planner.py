@@ -25,6 +25,12 @@ last kind) depends on everything and sees everything. Measured, it read unseen p
 but left most of those swaps (README): the odds also live in how the text encoder's states for a
 noun and its verb sit together.
 
+Text layers (`text_layers`): transformer layers over the prompt's tokens before the slots read
+them. The slots only ever look at the words; to give "the lamp shrinks" to the right slot, they
+must find which earlier "a ... lamp" it refers back to, and the text layers let the words do that
+among themselves. Each starts as the identity (its residual branches end in zeros), so a planner
+without them starts one with them.
+
 A plan scorer (`PlanScorer`) is the same network with one number out in place of the velocity:
 how well a clean plan says what its prompt states, which picks among the planner's draws. It may
 leave some features unread (`unread_features`): blind to shape, no plan it reads can show a
