@@ -32,7 +32,7 @@ from kinetoscope.models.text_encoder import TextEncoder
 # prompts over seeds 777 and 4242: 361 against 360) in half the time, but the system painting them
 # got 152 of 200 held-out prompts fully right against 159 (steadiness 306 of 341 against 318).
 PLAN_STEPS = 24
-PLAN_TRIES = 32  # plans drawn at once per prompt, of which the consensus of those the world allows is kept
+PLAN_TRIES = 32  # plans drawn at once per prompt, of which one the world allows is kept (the consensus, or the scorer's pick)
 SCORER_FOLDER = "scorer"  # inside a planner's folder: the PlanScorer that picks among its plans
 RELATION_MARGIN = 0.1  # of the canvas: starts nearer than this are level
 
