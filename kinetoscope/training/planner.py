@@ -224,8 +224,7 @@ def contradict(objects: tuple[world.ShapeObject, ...], stated: world.Scene, rng:
 
 def changed(obj: world.ShapeObject, name: str, rng: np.random.Generator) -> world.ShapeObject:
     """`obj` with its attribute `name` (or its motion's speed) drawn afresh."""
-    choices = {"color": tuple(world.COLORS), "shape": world.SHAPES, "size": tuple(world.SIZES), "motion": world.MOTIONS,
-               "speed": tuple(world.SPEEDS)}[name]
+    choices = SLOT_GROUPS[name]
     value = choices[rng.integers(len(choices))]
     if name == "speed":
         return replace(obj, speed=value if obj.motion in world.LINEAR_MOTIONS else None)
@@ -413,10 +412,9 @@ def start_from(model: LayoutPlanner | PlanScorer, directory: str):
                text_layers=max(cfg.text_layers, model.cfg.text_layers)) != model.cfg:
         raise RecipeError(f"[model] init {directory} is a {cfg}; the recipe's is a {model.cfg}")
     missing, _ = model.load_state_dict(state, strict=False)
-    new_text_layers = range(cfg.text_layers, model.cfg.text_layers)
-    if {key for key in missing if not key.startswith(tuple(f"text_layers.{layer}." for layer in new_text_layers))} - {
-            "kind_embedding", "score_out.weight", "score_out.bias"}:
-        raise RecipeError(f"[model] init {directory} lacks {', '.join(sorted(missing))}")
+    starting_afresh = ("kind_embedding", "score_out.", *(f"text_layers.{layer}." for layer in range(cfg.text_layers, model.cfg.text_layers)))
+    if lacking := [key for key in missing if not key.startswith(starting_afresh)]:
+        raise RecipeError(f"[model] init {directory} lacks {', '.join(sorted(lacking))}")
 
 
 def load_planner(directory: str) -> LayoutPlanner:
