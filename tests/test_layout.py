@@ -167,12 +167,46 @@ def test_text_layers_start_as_the_identity_and_let_the_words_look_at_each_other(
     assert not torch.allclose(*refined)
 
 
+def test_mentions_pair_each_word_with_its_repeats_and_a_planner_reading_them_starts_as_one_that_does_not(tmp_path):
+    from kinetoscope.models.text_encoder import TextEncoder
+
+    encoder = TextEncoder.load("cpu")
+    prompts = ["a red kite left of a blue lamp; the lamp shrinks", "a ball"]
+    mentions = encoder.mentions(prompts)
+    states, mask = encoder.encode(prompts)
+    assert mentions.shape == (2, states.shape[1], states.shape[1])
+    words = encoder.tokenizer.convert_ids_to_tokens(encoder.tokenizer(prompts[0])["input_ids"])
+    pairs = {(words[i], words[j]) for i, j in mentions[0].nonzero().tolist()}
+    assert pairs == {("a", "a"), ("lamp", "lamp")}  # never a word with itself, never padding
+    assert not mentions[1].any() and mentions[0].sum() == 4
+
+    recipe = tmp_path / "planner.toml"
+    recipe.write_text(PLANNER_RECIPE)
+    first = train_planner(str(recipe), output=str(tmp_path / "first"), steps=1)
+    reading = LayoutPlanner(replace(TINY_PLANNER, mentions=True))
+    start_from(reading, str(first))
+    slots, t, canvas = torch.randn(2, 3, SLOT_FEATURES), torch.rand(2), torch.randn(2, 2)
+    torch.testing.assert_close(reading.eval()(slots, t, states, mask, canvas, mentions), LayoutPlanner.from_pretrained(first)(slots, t, states, mask, canvas))
+    with pytest.raises(ValueError, match="needs mentions"):
+        reading(slots, t, states, mask, canvas)
+    recipe.write_text(PLANNER_RECIPE.replace("heads = 2", f"heads = 2\nmentions = true\ninit = '{first}'"))
+    exported = LayoutPlanner.from_pretrained(train_planner(str(recipe), output=str(tmp_path / "mentions"), steps=2))
+    assert exported.cfg.mentions and exported.mention_proj.weight.abs().sum() > 0
+    # Once trained, the pairs change the plans: the same words without them plan otherwise.
+    paired, unpaired = (exported.eval()(slots, t, states, mask, canvas, pairs_of) for pairs_of in (mentions, torch.zeros_like(mentions)))
+    assert not torch.allclose(paired, unpaired)
+    assert_refused(recipe, tmp_path / "other", ((PLANNER_RECIPE.replace("heads = 2", "heads = 2\nmentions = 1"), "mentions must be true or false"),))
+
+
 class RecordingEncoder:
     """A text encoder for planner batches that records the texts it encodes."""
 
     def encode(self, texts):
         self.texts = texts
         return torch.zeros(len(texts), 4, 384), torch.ones(len(texts), 4, dtype=torch.bool)
+
+    def mentions(self, texts):
+        return torch.zeros(len(texts), 4, 4, dtype=torch.bool)
 
 
 def test_lead_ins_move_a_caption_along_and_leave_its_slots_in_mention_order():
@@ -647,7 +681,7 @@ def test_contradicted_plans_break_their_caption_and_show_no_held_out_combination
         kinds.add("count" if len(wrong) != len(objects) else "same count")
     assert kinds == {"count", "same count"}
     plain = PlanBatches({**data, "stand_in_rate": 0.0, "paraphrase_rate": 0.0}, RecordingEncoder(), seed=1, negatives=3)
-    slots, text, mask, canvas = plain()
+    slots, text, mask, canvas, _ = plain()
     assert slots.shape == (16, MAX_OBJECTS, SLOT_FEATURES) and text.shape[0] == 4 and canvas.shape == (16, 2)
     for caption, rows in zip(plain.text_encoder.texts, slots.unflatten(0, (4, 4))):  # the true plan first, then 3 it contradicts
         stated = captions.parse_prompt(caption)
@@ -682,7 +716,7 @@ def test_scorer_steps_rank_true_plans_above_their_contradictions():
     torch.manual_seed(0)
     scorer = PlanScorer(TINY_PLANNER)
     batches = PlanBatches({"buckets": ["64x64x17"], "fps": 8.0, "batch_size": 16, "seed": 2}, RecordingEncoder(), seed=2, negatives=3)
-    slots, _, _, canvas = batches()
+    slots, _, _, canvas, _ = batches()
     text, mask = torch.randn(16, 6, 384), torch.ones(16, 6, dtype=torch.bool)  # one made-up prompt per caption
     optimizer = torch.optim.Adam(scorer.parameters(), lr=3e-3)
     before = scorer_loss(scorer, slots, text, mask, canvas).item()
@@ -724,7 +758,7 @@ def test_a_scorer_trains_from_a_planner_and_planning_keeps_the_draw_it_rates_bes
     drawn = [[world.ShapeObject("red", "square", "medium", motion, None, (x, 0.5))] for motion, x in (("still", 0.3), ("spin", 0.5), ("grow", 0.6))]
     monkeypatch.setattr(planning, "euler_sample", lambda velocity, noise, times: torch.from_numpy(
         np.stack([scene_to_slots(objects) for objects in drawn])))
-    monkeypatch.setattr(PlanScorer, "forward", lambda self, slots, text, mask, canvas: slots[:, 0, slot_columns("motion")][:, world.MOTIONS.index("spin")])
+    monkeypatch.setattr(PlanScorer, "forward", lambda self, slots, text, mask, canvas, mentions=None: slots[:, 0, slot_columns("motion")][:, world.MOTIONS.index("spin")])
     text, mask = torch.randn(1, 4, 384), torch.ones(1, 4, dtype=torch.bool)
     assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3, scorer=loaded) == [tuple(drawn[1])]
     assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3) != [tuple(drawn[1])]

@@ -155,6 +155,17 @@ class TextEncoder:
         mask = torch.arange(states.shape[1], device=self.device) < lengths[:, None]
         return states, mask
 
+    def mentions(self, prompts: list[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
+        """(B, L, L) bool over the tokens `encode` returns for the same prompts: which other tokens
+        of its prompt each token repeats (the same word piece). A caption that introduces "a tiny
+        pink lamp" and later says "the lamp shrinks" names one object twice; these pairs let a model
+        join what the two mentions say (models/planner.py `PlannerConfig.mentions`)."""
+        with self._tokenizer_lock:
+            tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        ids = tokens["input_ids"].masked_fill(~tokens["attention_mask"].bool(), -1)  # padding repeats nothing
+        same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)
+        return (same & ~torch.eye(ids.shape[1], dtype=torch.bool)).to(self.device)
+
     def clear_cache(self) -> None:
         with self._cache_lock:
             self._cache.clear()

@@ -47,8 +47,10 @@ def check_planner(planner: LayoutPlanner):
 @torch.no_grad()
 def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor, width: int, height: int, seconds: float,
                  generator: torch.Generator, steps: int = PLAN_STEPS, tries: int = PLAN_TRIES,
-                 guidance: float | None = None, scorer: PlanScorer | None = None) -> list[tuple[world.ShapeObject, ...]]:
-    """The objects the planner places for each prompt (text (B, L, D), mask (B, L)) on a canvas of
+                 guidance: float | None = None, scorer: PlanScorer | None = None,
+                 mentions: torch.Tensor | None = None) -> list[tuple[world.ShapeObject, ...]]:
+    """The objects the planner places for each prompt (text (B, L, D), mask (B, L), mentions (B, L, L)
+    from TextEncoder.mentions, which a planner or scorer with `cfg.mentions` needs) on a canvas of
     width x height pixels lasting `seconds`, seeded by `generator`: of `tries` plans each, of those
     the world allows (or all, where it allows none), the one `scorer` rates best, or without one
     the consensus. Drawn with classifier-free `guidance` (None: the planner's own, `cfg.guidance`)."""
@@ -60,13 +62,15 @@ def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor,
     noise = torch.randn((b * tries, planner.cfg.slots, planner.cfg.features), generator=generator).to(device)
     times = torch.linspace(1.0, 0.0, steps + 1, device=device)
     if guidance == 1:
-        velocity = lambda x, t: planner(x, t, text, mask, canvas).float()  # noqa: E731
+        velocity = lambda x, t: planner(x, t, text, mask, canvas, mentions).float()  # noqa: E731
     else:  # one pass over the prompts and the empty prompt together
         dropped = torch.arange(2 * b, device=device) >= b
         both_text, both_mask = planner.drop_text(text.repeat(2, 1, 1), mask.repeat(2, 1), dropped)
+        both_mentions = None if mentions is None else mentions.repeat(2, 1, 1)
 
         def velocity(x, t):
-            conditional, unconditional = planner(x.repeat(2, 1, 1), t.repeat(2), both_text, both_mask, canvas.repeat(2, 1)).float().chunk(2)
+            conditional, unconditional = planner(x.repeat(2, 1, 1), t.repeat(2), both_text, both_mask, canvas.repeat(2, 1),
+                                                 both_mentions).float().chunk(2)
             return unconditional + guidance * (conditional - unconditional)
     slots = euler_sample(velocity, noise, times).cpu().numpy()
     plans = []
@@ -74,15 +78,17 @@ def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor,
         drawn = [slots_to_objects(row) for row in slots[prompt * tries:(prompt + 1) * tries]]
         allowed = [plan for plan in drawn if world.is_possible(plan, width / height, seconds)] or drawn
         plans.append(consensus(allowed, drawn) if scorer is None else
-                     best_scored(scorer, allowed, text[prompt:prompt + 1], mask[prompt:prompt + 1], canvas[:1]))
+                     best_scored(scorer, allowed, text[prompt:prompt + 1], mask[prompt:prompt + 1], canvas[:1],
+                                 None if mentions is None else mentions[prompt:prompt + 1]))
     return plans
 
 
-def best_scored(scorer: PlanScorer, candidates, text: torch.Tensor, mask: torch.Tensor, canvas: torch.Tensor):
-    """Of the candidate plans for one prompt (text (1, L, D), mask (1, L), canvas (1, 2)), the one
+def best_scored(scorer: PlanScorer, candidates, text: torch.Tensor, mask: torch.Tensor, canvas: torch.Tensor,
+                mentions: torch.Tensor | None = None):
+    """Of the candidate plans for one prompt (text (1, L, D), mask (1, L), canvas (1, 2), mentions (1, L, L)), the one
     the scorer rates best; the first of equals, the planner's own order."""
     slots = torch.from_numpy(np.stack([scene_to_slots(plan) for plan in candidates])).to(text.device)
-    scores = scorer(slots, text, mask, canvas.expand(len(candidates), -1)).float()
+    scores = scorer(slots, text, mask, canvas.expand(len(candidates), -1), mentions).float()
     return candidates[int(scores.argmax())]
 
 
@@ -142,7 +148,8 @@ class PlannedScenes:
         width, height = self.size
         text, mask = self.text_encoder.encode([prompt])
         objects = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed),
-                               tries=self.tries, guidance=self.guidance, scorer=self.scorer)[0]
+                               tries=self.tries, guidance=self.guidance, scorer=self.scorer,
+                               mentions=self.text_encoder.mentions([prompt]))[0]
         background = parse_prompt(prompt).background or "black"
         scene = world.Scene(objects, background)
         return GeneratedVideo(world.render(scene, width, height, frames, self.fps), self.fps, seed, plan=objects)

@@ -273,7 +273,7 @@ class TextToVideo:
         if self.planner is not None:
             if plan is None:
                 plan = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed),
-                                    scorer=self.plan_scorer)[0]
+                                    scorer=self.plan_scorer, mentions=self.text_encoder.mentions([prompt]).to(self.device))[0]
             plan = tuple(plan)
             frames_per_step = self.autoencoder.cfg.temporal_factor if self.transformer.cfg.silhouette_channels else None
             layout = layout_inputs([plan], (width, height), frames, self.fps, self.transformer.token_grid(latent_shape),

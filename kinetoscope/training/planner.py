@@ -43,7 +43,7 @@ REQUIRED = {
     "eval": ("per_tier",),
 }
 KNOWN = {
-    "model": ("role", "dim", "depth", "heads", "mlp_ratio", "text_layers", "guidance", "init", "attribute_tokens", "unread"),
+    "model": ("role", "dim", "depth", "heads", "mlp_ratio", "text_layers", "mentions", "guidance", "init", "attribute_tokens", "unread"),
     "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate", "stand_in_rate", "negatives"),
     "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight", "caption_dropout"),
     "eval": (*REQUIRED["eval"], "planner"),
@@ -130,7 +130,8 @@ def data_rate(data: dict, name: str) -> float:
 
 
 class SceneBatches:
-    """Training scenes and their captions, as (slots (B, S, F), text (B, L, D), mask (B, L), canvas (B, 2)),
+    """Training scenes and their captions, as (slots (B, S, F), text (B, L, D), mask (B, L), canvas (B, 2),
+    mentions (B, L, L): TextEncoder.mentions),
     a share `lead_in_rate` of the captions after one of the LEAD_INS, a share `paraphrase_rate` of
     their verbs in other words (PARAPHRASES), a share `stand_in_rate` naming their shapes by
     STAND_INS (with no shape in their slots: the caption no longer says it)."""
@@ -181,7 +182,7 @@ class SceneBatches:
             texts.append(caption)
             canvases.append(canvas)
         text, mask = self.text_encoder.encode(texts)
-        return torch.from_numpy(np.stack(slots)), text, mask, torch.stack(canvases)
+        return torch.from_numpy(np.stack(slots)), text, mask, torch.stack(canvases), self.text_encoder.mentions(texts)
 
 
 # How a plan may be made to contradict its caption, and how often: give one object another object's
@@ -237,7 +238,7 @@ def changed(obj: world.ShapeObject, name: str, rng: np.random.Generator) -> worl
 class PlanBatches(SceneBatches):
     """For the plan scorer: each scene's true plan followed by `negatives` plans its caption
     contradicts (`contradict`), as (slots (B * (1 + negatives), S, F), text (B, L, D), mask (B, L),
-    canvas (B * (1 + negatives), 2)): rows i * (1 + negatives)... belong to caption i, true plan first.
+    canvas (B * (1 + negatives), 2), mentions (B, L, L)): rows i * (1 + negatives)... belong to caption i, true plan first.
     A scorer that leaves attributes `unread` is shown no plan wrong in those alone: to it, that
     plan is the true one."""
 
@@ -260,11 +261,11 @@ class PlanBatches(SceneBatches):
             texts.append(caption)
             canvases.extend([canvas] * len(plans))
         text, mask = self.text_encoder.encode(texts)
-        return torch.from_numpy(np.stack(slots)), text, mask, torch.stack(canvases)
+        return torch.from_numpy(np.stack(slots)), text, mask, torch.stack(canvases), self.text_encoder.mentions(texts)
 
 
 def planner_loss(planner: LayoutPlanner, slots, text, mask, canvas, generator=None, start_weight: float = 1.0,
-                 caption_dropout: float = 0.0) -> torch.Tensor:
+                 caption_dropout: float = 0.0, mentions=None) -> torch.Tensor:
     """Velocity MSE at logit-normal times, averaged over the batch, each slot's start (its last two
     features) weighted `start_weight` against each of the others. A stated relation moves only the
     starts, 2 of 28 features, and by less than a one-hot flips: at weight 1 the planner of
@@ -275,16 +276,16 @@ def planner_loss(planner: LayoutPlanner, slots, text, mask, canvas, generator=No
     noise = torch.randn(slots.shape, generator=generator)
     if caption_dropout:
         text, mask = planner.drop_text(text, mask, torch.rand(b, generator=generator) < caption_dropout)
-    prediction = planner(add_noise(slots, noise, t), t, text, mask, canvas)
+    prediction = planner(add_noise(slots, noise, t), t, text, mask, canvas, mentions)
     weights = torch.ones(slots.shape[-1], device=slots.device)
     weights[-2:] = start_weight
     return ((prediction - velocity_target(slots, noise)) ** 2 * weights).mean() / weights.mean()
 
 
-def scorer_loss(scorer: PlanScorer, slots, text, mask, canvas) -> torch.Tensor:
+def scorer_loss(scorer: PlanScorer, slots, text, mask, canvas, mentions=None) -> torch.Tensor:
     """Cross-entropy of picking each caption's true plan among its plans (`PlanBatches`: the true
     one first), by their scores."""
-    scores = scorer(slots, text, mask, canvas).float().unflatten(0, (text.shape[0], -1))  # (B, 1 + negatives)
+    scores = scorer(slots, text, mask, canvas, mentions).float().unflatten(0, (text.shape[0], -1))  # (B, 1 + negatives)
     return F.cross_entropy(scores, torch.zeros(text.shape[0], dtype=torch.long, device=scores.device))
 
 
@@ -312,6 +313,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     if not isinstance(attribute_tokens, bool):
         raise RecipeError(f"[model] attribute_tokens must be true or false, not {attribute_tokens!r}")
     unread = recipe["model"].get("unread", [])
+    if not isinstance(recipe["model"].get("mentions", False), bool):
+        raise RecipeError(f"[model] mentions must be true or false, not {recipe['model']['mentions']!r}")
     if not isinstance(unread, list) or not set(unread) <= set(UNREADABLE):
         raise RecipeError(f"[model] unread must list slot attributes out of {', '.join(UNREADABLE)}, not {unread!r}")
     try:
@@ -371,8 +374,10 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = (planner_loss(model, *pool.next(), start_weight=float(start_weight), caption_dropout=float(caption_dropout))
-                if role == "planner" else scorer_loss(model, *pool.next()))
+        slots, text, mask, canvas, mentions = pool.next()
+        loss = (planner_loss(model, slots, text, mask, canvas, start_weight=float(start_weight), caption_dropout=float(caption_dropout),
+                             mentions=mentions)
+                if role == "planner" else scorer_loss(model, slots, text, mask, canvas, mentions))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
@@ -402,17 +407,19 @@ def start_from(model: LayoutPlanner | PlanScorer, directory: str):
     """Load exported weights of the recipe's shape into `model` (their guidance may differ). A
     planner with one token per slot may start one with attribute tokens, or the reverse: every
     weight is shared but the embedding of the token kinds. A planner may start one with more text
-    layers, which start as the identity. A planner may start a scorer: it already reads prompts
-    and plans, and only the scorer's head starts afresh."""
+    layers, which start as the identity, and one that reads mentions (which starts as if it did
+    not). A planner may start a scorer: it already reads prompts and plans, and only the scorer's
+    head starts afresh."""
     try:
         cfg, state = load_checkpoint(directory, PlannerConfig, "layout planner or plan scorer")
     except (OSError, ValueError) as error:
         raise RecipeError(f"[model] init: {error}") from None
     if replace(cfg, guidance=model.cfg.guidance, token_features=model.cfg.token_features, unread_features=model.cfg.unread_features,
-               text_layers=max(cfg.text_layers, model.cfg.text_layers)) != model.cfg:
+               text_layers=max(cfg.text_layers, model.cfg.text_layers), mentions=cfg.mentions or model.cfg.mentions) != model.cfg:
         raise RecipeError(f"[model] init {directory} is a {cfg}; the recipe's is a {model.cfg}")
     missing, _ = model.load_state_dict(state, strict=False)
-    starting_afresh = ("kind_embedding", "score_out.", *(f"text_layers.{layer}." for layer in range(cfg.text_layers, model.cfg.text_layers)))
+    starting_afresh = ("kind_embedding", "score_out.", "mention_proj.",
+                       *(f"text_layers.{layer}." for layer in range(cfg.text_layers, model.cfg.text_layers)))
     if lacking := [key for key in missing if not key.startswith(starting_afresh)]:
         raise RecipeError(f"[model] init {directory} lacks {', '.join(sorted(lacking))}")
 
