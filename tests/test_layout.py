@@ -198,6 +198,37 @@ def test_mentions_pair_each_word_with_its_repeats_and_a_planner_reading_them_sta
     assert_refused(recipe, tmp_path / "other", ((PLANNER_RECIPE.replace("heads = 2", "heads = 2\nmentions = 1"), "mentions must be true or false"),))
 
 
+def test_the_binding_probe_asks_true_captions_four_ways_and_counts_right_and_swapped_draws(monkeypatch, capsys):
+    from kinetoscope.eval import binding
+    from kinetoscope.models.text_encoder import TextEncoder
+
+    prompts = binding.binding_prompts(6)
+    assert len(prompts) == 24 and [item.way for item in prompts[:4]] == list(binding.WAYS)
+    for item in prompts:
+        if item.way[0] == "shape nouns":  # the parser knows no stand-in; shape nouns make a caption it reads exactly
+            stated = captions.parse_prompt(item.prompt)
+            assert {obj.color: obj.motion for obj in stated.objects} == dict(zip(item.colors, item.motions))
+            assert not captions.is_heldout_scene(world.Scene(tuple(
+                replace(obj, size="small", speed="slow" if obj.motion in world.LINEAR_MOTIONS else None, start=(0.5, 0.5))
+                for obj in stated.objects), "black"))
+        assert item.prompt.index(item.colors[0]) < item.prompt.index(item.colors[1])
+
+    def plans(planner, text, mask, *args, mentions=None, **kwargs):  # draw i gives the motions the right way round if i is even
+        item = next(item for item in prompts if item.prompt == asked[-1])
+        return [tuple(world.ShapeObject(color, "square", "small", motion, None, (0.5, 0.5))
+                      for color, motion in zip(item.colors, item.motions if draw % 2 == 0 else item.motions[::-1]))
+                for draw in range(text.shape[0])]
+
+    asked = []
+    encoder = TextEncoder.load("cpu")
+    monkeypatch.setattr(encoder, "encode", lambda texts, _encode=encoder.encode: asked.append(texts[0]) or _encode(texts))
+    monkeypatch.setattr(binding, "plan_objects", plans)
+    rates = binding.binding_rates(None, encoder, count=6, draws=3)
+    assert rates["stand-ins"]["other order"] == {"right": 12, "swapped": 6, "draws": 18}
+    assert main(["planner", "binding", "--weights", "/nowhere"]) == 2
+    assert "no layout planner checkpoint" in capsys.readouterr().err
+
+
 class RecordingEncoder:
     """A text encoder for planner batches that records the texts it encodes."""
 

@@ -1,4 +1,4 @@
-"""`kinetoscope planner train|eval`: the layout planner of a layout model."""
+"""`kinetoscope planner train|eval|binding`: the layout planner of a layout model."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ def register(subparsers):
                           help="keep the consensus of the draws even where the planner's folder has a plan scorer (scorer/)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
     evaluate.set_defaults(handler=run_eval)
+    binding = planner_commands.add_parser(
+        "binding", help="ask prompts that introduce two objects and then refer back to each (\"a red kite left of a blue lamp; "
+                        "the lamp shrinks and the kite spins\"), with shape nouns and stand-ins, and count the draws that give "
+                        "each object its own motion: whether the planner reads references")
+    binding.add_argument("--weights", required=True, help="planner folder (config.json + model.safetensors), or a layout model's")
+    binding.add_argument("--pairs", type=common.positive_int, default=48, help="pairs of objects, each asked four ways (default 48)")
+    binding.add_argument("--draws", type=common.positive_int, default=16, help="single draws per prompt (default 16)")
+    binding.add_argument("--report", help="also write the counts as JSON here")
+    binding.set_defaults(handler=run_binding)
 
 
 def run_train(args) -> int:
@@ -39,12 +48,10 @@ def run_eval(args) -> int:
 
     from kinetoscope.cli.generate import print_results, write_report
     from kinetoscope.eval.generation import NOISE_SEEDS, TIERS, evaluate_generator
-    from kinetoscope.pipelines.layout import PlannedScenes
 
     report = common.check_writable_file(args.report, "--report") if args.report else None
     folder = Path(args.weights)
-    planned = common.load_weights(lambda weights: PlannedScenes.load(weights, args.tries, args.guidance, args.scored),
-                                  str(folder / "planner" if (folder / "planner").is_dir() else folder))
+    planned = load_planned(args.weights, args.tries, args.guidance, args.scored)
     with tqdm(total=args.per_tier * len(TIERS), desc="held-out plans", unit="plan") as bar:
         result = evaluate_generator(planned, args.per_tier, progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
     print_results(result)
@@ -52,4 +59,31 @@ def run_eval(args) -> int:
         write_report(report, {"prompt_seed": args.prompt_seed, "noise_seeds": NOISE_SEEDS, "planner": str(folder), "tries": args.tries,
                               "guidance": planned.planner.cfg.guidance if args.guidance is None else args.guidance,
                               "picked_by": "consensus" if planned.scorer is None else "scorer"}, result)
+    return 0
+
+
+def load_planned(weights: str, tries: int = 32, guidance=None, scored: bool = True):
+    """A planner folder's, or a layout model's planner/, as PlannedScenes; a bad folder is a usage error."""
+    from pathlib import Path
+
+    from kinetoscope.pipelines.layout import PlannedScenes
+
+    folder = Path(weights)
+    return common.load_weights(lambda path: PlannedScenes.load(path, tries, guidance, scored),
+                               str(folder / "planner" if (folder / "planner").is_dir() else folder))
+
+
+def run_binding(args) -> int:
+    import json
+
+    from kinetoscope.eval.binding import binding_lines, binding_rates
+    from kinetoscope.media.frames import atomic_output
+
+    report = common.check_writable_file(args.report, "--report") if args.report else None
+    planned = load_planned(args.weights)
+    rates = binding_rates(planned.planner, planned.text_encoder, args.pairs, args.draws)
+    print("\n".join(binding_lines(rates)))
+    if report is not None:
+        with atomic_output(report) as path:
+            path.write_text(json.dumps({"planner": args.weights, "pairs": args.pairs, "draws": args.draws, "rates": rates}, indent=2))
     return 0
