@@ -13,7 +13,7 @@ import torch
 
 from kinetoscope.cli import main
 from kinetoscope.data import captions, world
-from kinetoscope.data.layout import (MAX_OBJECTS, SILHOUETTE_CELLS, SLOT_FEATURES, SLOT_TOKEN_FEATURES, in_mention_order, layout_inputs,
+from kinetoscope.data.layout import (MAX_OBJECTS, SILHOUETTE_CELLS, SLOT_FEATURES, SLOT_IDENTITY_TOKEN_FEATURES, SLOT_TOKEN_FEATURES, in_mention_order, layout_inputs,
                                      plan_states, scene_to_slots, silhouette_channels, silhouette_maps, slot_columns, slots_to_objects)
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.planner import LayoutPlanner, PlannerConfig, PlanScorer, canvas_condition
@@ -132,6 +132,29 @@ def test_attribute_tokens_read_a_slots_motion_from_the_words_alone_never_from_it
         LayoutPlanner(replace(TINY_PLANNER, token_features=(5, 5)))
 
 
+def test_an_identity_kind_lets_a_slots_motion_read_its_colour_and_still_never_its_shape():
+    torch.manual_seed(0)
+    planner = LayoutPlanner(replace(TINY_PLANNER, token_features=SLOT_IDENTITY_TOKEN_FEATURES, identity_kind=True))
+    for parameter in planner.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    text, mask = torch.randn(1, 5, 384), torch.ones(1, 5, dtype=torch.bool)
+    canvas, t = canvas_condition(64, 64, 2.0)[None], torch.tensor([0.5])
+    identity, what, how, where = np.split(np.arange(SLOT_FEATURES), np.cumsum(SLOT_IDENTITY_TOKEN_FEATURES)[:-1])
+    assert list(identity) == [0, *range(SLOT_FEATURES)[slot_columns("color")]]
+    slots = torch.randn(1, MAX_OBJECTS, SLOT_FEATURES)
+    out = planner(slots, t, text, mask, canvas)
+    reshaped, recoloured = slots.clone(), slots.clone()
+    reshaped[..., what] = torch.randn(1, MAX_OBJECTS, len(what))  # every slot's shape and size redrawn
+    recoloured[..., identity] = torch.randn(1, MAX_OBJECTS, len(identity))
+    moved = planner(reshaped, t, text, mask, canvas)
+    for columns in (identity, how):
+        assert torch.allclose(moved[..., columns], out[..., columns], atol=1e-6)
+    assert not torch.allclose(moved[..., where], out[..., where])
+    assert not torch.allclose(planner(recoloured, t, text, mask, canvas)[..., how], out[..., how])  # motion hears the colour
+    with pytest.raises(ValueError, match="identity_kind"):
+        LayoutPlanner(replace(TINY_PLANNER, identity_kind=True))
+
+
 def test_a_planner_with_one_token_per_slot_starts_one_with_attribute_tokens_and_back(tmp_path):
     recipe = tmp_path / "planner.toml"
     recipe.write_text(PLANNER_RECIPE)
@@ -142,8 +165,14 @@ def test_a_planner_with_one_token_per_slot_starts_one_with_attribute_tokens_and_
     assert final.cfg.token_features == SLOT_TOKEN_FEATURES and final.visible is not None
     recipe.write_text(PLANNER_RECIPE.replace("heads = 2", f"heads = 2\ninit = '{exported}'"))  # and back
     assert LayoutPlanner.from_pretrained(train_planner(str(recipe), output=str(tmp_path / "back"), steps=1)).visible is None
+    recipe.write_text(PLANNER_RECIPE.replace("heads = 2", f"heads = 2\nattribute_tokens = true\nidentity_token = true\ninit = '{exported}'"))
+    identified = LayoutPlanner.from_pretrained(train_planner(str(recipe), output=str(tmp_path / "identity"), steps=1))
+    assert identified.cfg.identity_kind and identified.cfg.token_features == SLOT_IDENTITY_TOKEN_FEATURES
+    torch.testing.assert_close(identified.blocks[0].cross.proj.weight, final.blocks[0].cross.proj.weight, atol=0.05, rtol=0)  # one step on
     assert_refused(recipe, tmp_path / "other", ((PLANNER_RECIPE.replace("heads = 2", "heads = 2\nattribute_tokens = 1"),
                                                  "attribute_tokens must be true or false"),
+                                                (PLANNER_RECIPE.replace("heads = 2", "heads = 2\nidentity_token = true"),
+                                                 "identity_token must be true \\(with attribute_tokens"),
                                                 (PLANNER_RECIPE.replace("heads = 2", f"heads = 2\ninit = '{exported}'").replace("depth = 1", "depth = 2"),
                                                  "init")))
 

@@ -46,6 +46,11 @@ SLOT_GROUPS = {  # name -> the choices its one-hot columns stand for, in column 
 # what the object is (present, colour, shape, size), how it moves (motion, speed), where it starts.
 SLOT_TOKEN_FEATURES = (1 + sum(len(SLOT_GROUPS[name]) for name in ("color", "shape", "size")),
                        len(SLOT_GROUPS["motion"]) + len(SLOT_GROUPS["speed"]), 2)
+# Or as four (`identity_kind`): which object it is (present, colour), what else it is (shape, size),
+# how it moves, where it starts; every token also sees the first kind, so a slot's motion can find
+# its object's words by its colour, the word that names one object in a caption.
+SLOT_IDENTITY_TOKEN_FEATURES = (1 + len(SLOT_GROUPS["color"]), len(SLOT_GROUPS["shape"]) + len(SLOT_GROUPS["size"]),
+                                *SLOT_TOKEN_FEATURES[1:])
 SILHOUETTE_CELLS = 4  # cells per token along each side; at 16-pixel tokens a cell is 4 pixels
 SLOT_FEATURES = 1 + sum(len(choices) for choices in SLOT_GROUPS.values()) + 2  # present, one-hots, start (x, y)
 

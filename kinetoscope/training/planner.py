@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from kinetoscope.data import captions, world
 from kinetoscope.data.dataset import Bucket
-from kinetoscope.data.layout import (MAX_OBJECTS, SLOT_FEATURES, SLOT_GROUPS, SLOT_TOKEN_FEATURES, in_mention_order, plan_states,
+from kinetoscope.data.layout import (MAX_OBJECTS, SLOT_FEATURES, SLOT_GROUPS, SLOT_IDENTITY_TOKEN_FEATURES, SLOT_TOKEN_FEATURES,
+                                     in_mention_order, plan_states,
                                      scene_to_slots, slot_columns)
 from kinetoscope.diffusion.rectified_flow import add_noise, velocity_target
 from kinetoscope.models.checkpoint import load_checkpoint
@@ -43,7 +44,7 @@ REQUIRED = {
     "eval": ("per_tier",),
 }
 KNOWN = {
-    "model": ("role", "dim", "depth", "heads", "mlp_ratio", "text_layers", "mentions", "guidance", "init", "attribute_tokens", "unread"),
+    "model": ("role", "dim", "depth", "heads", "mlp_ratio", "text_layers", "mentions", "guidance", "init", "attribute_tokens", "identity_token", "unread"),
     "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate", "stand_in_rate", "negatives"),
     "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight", "caption_dropout"),
     "eval": (*REQUIRED["eval"], "planner"),
@@ -312,6 +313,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     attribute_tokens = recipe["model"].get("attribute_tokens", False)
     if not isinstance(attribute_tokens, bool):
         raise RecipeError(f"[model] attribute_tokens must be true or false, not {attribute_tokens!r}")
+    identity_token = recipe["model"].get("identity_token", False)
+    if not isinstance(identity_token, bool) or (identity_token and not attribute_tokens):
+        raise RecipeError(f"[model] identity_token must be true (with attribute_tokens = true) or false, not {identity_token!r}")
     unread = recipe["model"].get("unread", [])
     if not isinstance(recipe["model"].get("mentions", False), bool):
         raise RecipeError(f"[model] mentions must be true or false, not {recipe['model']['mentions']!r}")
@@ -319,9 +323,10 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         raise RecipeError(f"[model] unread must list slot attributes out of {', '.join(UNREADABLE)}, not {unread!r}")
     try:
         model = (LayoutPlanner if role == "planner" else PlanScorer)(PlannerConfig(
-            slots=MAX_OBJECTS, features=SLOT_FEATURES, token_features=SLOT_TOKEN_FEATURES if attribute_tokens else (),
+            slots=MAX_OBJECTS, features=SLOT_FEATURES, identity_kind=identity_token,
+            token_features=(SLOT_IDENTITY_TOKEN_FEATURES if identity_token else SLOT_TOKEN_FEATURES) if attribute_tokens else (),
             unread_features=tuple(column for name in unread for column in range(SLOT_FEATURES)[slot_columns(name)]),
-            **{k: v for k, v in recipe["model"].items() if k not in ("role", "init", "attribute_tokens", "unread")}))
+            **{k: v for k, v in recipe["model"].items() if k not in ("role", "init", "attribute_tokens", "identity_token", "unread")}))
     except (TypeError, ValueError) as error:
         raise RecipeError(f"[model]: {error}") from None
     if role == "planner" and model.cfg.guidance != 1 and not caption_dropout:
@@ -405,8 +410,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 
 def start_from(model: LayoutPlanner | PlanScorer, directory: str):
     """Load exported weights of the recipe's shape into `model` (their guidance may differ). A
-    planner with one token per slot may start one with attribute tokens, or the reverse: every
-    weight is shared but the embedding of the token kinds. A planner may start one with more text
+    planner with one token per slot may start one with attribute tokens, or the reverse, and one
+    with attribute tokens one with an identity kind: every weight is shared but the embedding of
+    the token kinds. A planner may start one with more text
     layers, which start as the identity, and one that reads mentions (which starts as if it did
     not). A planner may start a scorer: it already reads prompts and plans, and only the scorer's
     head starts afresh."""
@@ -415,8 +421,12 @@ def start_from(model: LayoutPlanner | PlanScorer, directory: str):
     except (OSError, ValueError) as error:
         raise RecipeError(f"[model] init: {error}") from None
     if replace(cfg, guidance=model.cfg.guidance, token_features=model.cfg.token_features, unread_features=model.cfg.unread_features,
+               identity_kind=model.cfg.identity_kind,
                text_layers=max(cfg.text_layers, model.cfg.text_layers), mentions=cfg.mentions or model.cfg.mentions) != model.cfg:
         raise RecipeError(f"[model] init {directory} is a {cfg}; the recipe's is a {model.cfg}")
+    ours = model.state_dict()
+    if "kind_embedding" in state and "kind_embedding" in ours and state["kind_embedding"].shape != ours["kind_embedding"].shape:
+        del state["kind_embedding"]  # other token kinds (identity_kind): only their embedding starts afresh
     missing, _ = model.load_state_dict(state, strict=False)
     starting_afresh = ("kind_embedding", "score_out.", "mention_proj.",
                        *(f"text_layers.{layer}." for layer in range(cfg.text_layers, model.cfg.text_layers)))
