@@ -30,7 +30,7 @@ it is and nothing else of its object, so it learnt to read the k-th verb of the 
 right where a caption says what each object does in the order it introduced them and swapped where
 it does not ("a red kite left of a blue lamp; the lamp shrinks and the kite spins"). Yet the text
 encoder's state for "kite" in "a red kite" says what the kite does (a linear read-out of it finds
-the verb in 97 of 100 held-out prompts). With `identity_kind` the first token kind holds only
+the verb in 97% of held-out probe prompts). With `identity_kind` the first token kind holds only
 presence and colour, and every token sees it: the motion token then knows its object's colour, the
 word that introduces it, and no shape, and no held-out pair joins a colour with a motion.
 
