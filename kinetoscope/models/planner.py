@@ -33,6 +33,7 @@ encoder's state for "kite" in "a red kite" says what the kite does (a linear rea
 the verb in 97% of held-out probe prompts). With `identity_kind` the first token kind holds only
 presence and colour, and every token sees it: the motion token then knows its object's colour, the
 word that introduces it, and no shape, and no held-out pair joins a colour with a motion.
+Measured, 2,000 steps from the shipped planner did not teach it that (configs/planner_identity.toml).
 
 Text layers (`text_layers`): transformer layers over the prompt's tokens before the slots read
 them. The slots only ever look at the words; to give "the lamp shrinks" to the right slot, they
