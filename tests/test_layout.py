@@ -343,21 +343,18 @@ def test_planner_steps_lower_its_loss_on_a_fixed_batch():
     assert loss().item() < 0.6 * before
 
 
-def test_the_planner_loss_weighs_the_starts_and_motions_as_asked():
+def test_the_planner_loss_weighs_the_starts_as_asked():
     from kinetoscope.diffusion.rectified_flow import velocity_target
 
     planner = LayoutPlanner(TINY_PLANNER)  # its output layer starts at zero: the loss is the target's own square
     slots = torch.from_numpy(np.stack([scene_to_slots(world.sample_scene(np.random.default_rng(i)).objects) for i in range(4)]))
     text, mask, canvas = torch.randn(4, 6, 384), torch.ones(4, 6, dtype=torch.bool), canvas_condition(64, 64, 2.0).expand(4, -1)
-    motion = slot_columns("motion")
-    for start, moving in ((1.0, 1.0), (4.0, 1.0), (1.0, 3.0), (4.0, 2.0)):
-        loss = planner_loss(planner, slots, text, mask, canvas, torch.Generator().manual_seed(7), start_weight=start, motion_weight=moving)
+    for weight in (1.0, 4.0):
+        loss = planner_loss(planner, slots, text, mask, canvas, torch.Generator().manual_seed(7), start_weight=weight)
         generator = torch.Generator().manual_seed(7)
         torch.randn(4, generator=generator)
         squared = velocity_target(slots, torch.randn(slots.shape, generator=generator)) ** 2
-        weights = torch.ones(SLOT_FEATURES)
-        weights[-2:], weights[motion] = start, moving
-        expected = (squared * weights).sum() / (squared[..., 0].numel() * weights.sum())
+        expected = (squared[..., :-2].sum() + weight * squared[..., -2:].sum()) / (squared[..., 0].numel() * (SLOT_FEATURES - 2 + 2 * weight))
         torch.testing.assert_close(loss, expected)
 
 
@@ -386,7 +383,6 @@ def test_planner_training_resumes_exports_and_is_scored_by_the_judge(tmp_path, c
         train_planner(str(recipe), output=str(output), steps=6)
     assert_refused(recipe, tmp_path / "other", ((PLANNER_RECIPE.replace("batch_size = 8", "batch_size = 0"), "batch_size"),
                                                 (PLANNER_RECIPE.replace("reuse = 1", "reuse = 1\nstart_weight = 0"), "start_weight"),
-                                                (PLANNER_RECIPE.replace("reuse = 1", "reuse = 1\nmotion_weight = true"), "motion_weight must be a number"),
                                                 (PLANNER_RECIPE.replace("seed = 5", "seed = 5\nlead_in_rate = 1.5"), "lead_in_rate"),
                                                 (PLANNER_RECIPE.replace("seed = 5", "seed = 5\nparaphrase_rate = -0.1"), "paraphrase_rate")))
 

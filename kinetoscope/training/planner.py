@@ -46,7 +46,7 @@ REQUIRED = {
 KNOWN = {
     "model": ("role", "dim", "depth", "heads", "mlp_ratio", "text_layers", "mentions", "guidance", "init", "attribute_tokens", "identity_token", "unread"),
     "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate", "stand_in_rate", "negatives"),
-    "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight", "motion_weight", "caption_dropout"),
+    "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight", "caption_dropout"),
     "eval": (*REQUIRED["eval"], "planner"),
 }
 UNREADABLE = tuple(name for name in SLOT_GROUPS if name != "color")  # a colour names its object: every model reads it
@@ -266,14 +266,12 @@ class PlanBatches(SceneBatches):
 
 
 def planner_loss(planner: LayoutPlanner, slots, text, mask, canvas, generator=None, start_weight: float = 1.0,
-                 caption_dropout: float = 0.0, mentions=None, motion_weight: float = 1.0) -> torch.Tensor:
+                 caption_dropout: float = 0.0, mentions=None) -> torch.Tensor:
     """Velocity MSE at logit-normal times, averaged over the batch, each slot's start (its last two
     features) weighted `start_weight` against each of the others. A stated relation moves only the
     starts, 2 of 28 features, and by less than a one-hot flips: at weight 1 the planner of
     configs/planner.toml placed related objects no better than chance, on training captions too.
-    Each motion one-hot weighs `motion_weight`: where a training caption introduces two objects
-    before saying what each does, the shipped planner gave the motions to the wrong objects in
-    4 of 10 draws. A share `caption_dropout` of the captions is dropped (the empty prompt), for guidance."""
+    A share `caption_dropout` of the captions is dropped (the empty prompt), for guidance."""
     b = slots.shape[0]
     t = torch.sigmoid(torch.randn(b, generator=generator))
     noise = torch.randn(slots.shape, generator=generator)
@@ -282,7 +280,6 @@ def planner_loss(planner: LayoutPlanner, slots, text, mask, canvas, generator=No
     prediction = planner(add_noise(slots, noise, t), t, text, mask, canvas, mentions)
     weights = torch.ones(slots.shape[-1], device=slots.device)
     weights[-2:] = start_weight
-    weights[slot_columns("motion")] = motion_weight
     return ((prediction - velocity_target(slots, noise)) ** 2 * weights).mean() / weights.mean()
 
 
@@ -293,20 +290,14 @@ def scorer_loss(scorer: PlanScorer, slots, text, mask, canvas, mentions=None) ->
     return F.cross_entropy(scores, torch.zeros(text.shape[0], dtype=torch.long, device=scores.device))
 
 
-def loss_weight(settings: dict, name: str) -> float:
-    """[train] `name`: how much a group of slot features weighs in the planner's loss against each other feature (1 when left out)."""
-    weight = settings.get(name, 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 100:
-        raise RecipeError(f"[train] {name} must be a number above 0 and at most 100, not {weight!r}")
-    return float(weight)
-
-
 def train(recipe_path: str, output: str | None = None, minutes: float | None = None, steps: int | None = None):
     recipe = load_recipe(recipe_path, REQUIRED, KNOWN)
     settings = recipe["train"]
     check_train_settings({"workers": 0, **settings})
     reuse = reuse_setting(settings)
-    start_weight, motion_weight = (loss_weight(settings, name) for name in ("start_weight", "motion_weight"))
+    start_weight = settings.get("start_weight", 1.0)
+    if isinstance(start_weight, bool) or not isinstance(start_weight, (int, float)) or not 0 < start_weight <= 100:
+        raise RecipeError(f"[train] start_weight must be a number above 0 and at most 100, not {start_weight!r}")
     total_steps = steps or settings["steps"]
     minutes = minutes if minutes is not None else settings.get("minutes")
     evaluation = recipe["eval"]
@@ -389,8 +380,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr
         slots, text, mask, canvas, mentions = pool.next()
-        loss = (planner_loss(model, slots, text, mask, canvas, start_weight=start_weight, caption_dropout=float(caption_dropout),
-                             mentions=mentions, motion_weight=motion_weight)
+        loss = (planner_loss(model, slots, text, mask, canvas, start_weight=float(start_weight), caption_dropout=float(caption_dropout),
+                             mentions=mentions)
                 if role == "planner" else scorer_loss(model, slots, text, mask, canvas, mentions))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
