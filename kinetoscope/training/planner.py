@@ -316,9 +316,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     identity_token = recipe["model"].get("identity_token", False)
     if not isinstance(identity_token, bool) or (identity_token and not attribute_tokens):
         raise RecipeError(f"[model] identity_token must be true (with attribute_tokens = true) or false, not {identity_token!r}")
-    unread = recipe["model"].get("unread", [])
     if not isinstance(recipe["model"].get("mentions", False), bool):
         raise RecipeError(f"[model] mentions must be true or false, not {recipe['model']['mentions']!r}")
+    unread = recipe["model"].get("unread", [])
     if not isinstance(unread, list) or not set(unread) <= set(UNREADABLE):
         raise RecipeError(f"[model] unread must list slot attributes out of {', '.join(UNREADABLE)}, not {unread!r}")
     try:
