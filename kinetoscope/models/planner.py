@@ -26,9 +26,10 @@ but left most of those swaps (README): the odds also live in how the text encode
 noun and its verb sit together.
 
 The cause was found later (`kinetoscope planner binding`): a slot's motion token knows which slot
-it is and nothing else of its object, so it learnt to read the k-th verb of the prompt for slot k,
-right where a caption says what each object does in the order it introduced them and swapped where
-it does not ("a red kite left of a blue lamp; the lamp shrinks and the kite spins"). Yet the text
+it is and nothing else of its object, so it learnt to read the k-th verb of the prompt for slot k:
+with stand-in nouns, right where a caption says what each object does in the order it introduced
+them and swapped where it does not ("a red kite left of a blue lamp; the lamp shrinks and the kite
+spins"). Yet the text
 encoder's state for "kite" in "a red kite" says what the kite does (a linear read-out of it finds
 the verb in 97% of held-out probe prompts). With `identity_kind` the first token kind holds only
 presence and colour, and every token sees it: the motion token then knows its object's colour, the
