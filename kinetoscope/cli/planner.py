@@ -51,7 +51,7 @@ def run_eval(args) -> int:
 
     report = common.check_writable_file(args.report, "--report") if args.report else None
     folder = Path(args.weights)
-    planned = load_planned(args.weights, args.tries, args.guidance, args.scored)
+    planned = load_planned(args.weights, tries=args.tries, guidance=args.guidance, scored=args.scored)
     with tqdm(total=args.per_tier * len(TIERS), desc="held-out plans", unit="plan") as bar:
         result = evaluate_generator(planned, args.per_tier, progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
     print_results(result)
@@ -62,28 +62,26 @@ def run_eval(args) -> int:
     return 0
 
 
-def load_planned(weights: str, tries: int = 32, guidance=None, scored: bool = True):
-    """A planner folder's, or a layout model's planner/, as PlannedScenes; a bad folder is a usage error."""
+def load_planned(weights: str, **options):
+    """A planner folder's, or a layout model's planner/, as PlannedScenes (`options` go to
+    PlannedScenes.load); a bad folder is a usage error."""
     from pathlib import Path
 
     from kinetoscope.pipelines.layout import PlannedScenes
 
     folder = Path(weights)
-    return common.load_weights(lambda path: PlannedScenes.load(path, tries, guidance, scored),
+    return common.load_weights(lambda path: PlannedScenes.load(path, **options),
                                str(folder / "planner" if (folder / "planner").is_dir() else folder))
 
 
 def run_binding(args) -> int:
-    import json
-
+    from kinetoscope.cli.generate import write_report
     from kinetoscope.eval.binding import binding_lines, binding_rates
-    from kinetoscope.media.frames import atomic_output
 
     report = common.check_writable_file(args.report, "--report") if args.report else None
     planned = load_planned(args.weights)
     rates = binding_rates(planned.planner, planned.text_encoder, args.pairs, args.draws)
     print("\n".join(binding_lines(rates)))
     if report is not None:
-        with atomic_output(report) as path:
-            path.write_text(json.dumps({"planner": args.weights, "pairs": args.pairs, "draws": args.draws, "rates": rates}, indent=2))
+        write_report(report, {"planner": args.weights, "pairs": args.pairs, "draws": args.draws, "rates": rates}, None)
     return 0
