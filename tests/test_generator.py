@@ -13,7 +13,7 @@ import torch
 
 from kinetoscope.cli import common, main
 from kinetoscope.data.dataset import DEFAULT_BUCKETS, Bucket, ShapesWorldDataset
-from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, euler_sample, heun_sample, shift_time, stochastic_sample, velocity_evaluations
+from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, euler_sample, heun_sample, shift_time, stochastic_sample
 from kinetoscope.media.video import video_info
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from kinetoscope.models.dit import MODEL_SIZES, DiffusionTransformer, config_for
@@ -350,7 +350,7 @@ def test_steps_guidance_and_sampler_change_what_they_should(pipe, monkeypatch):
     assert calls == [1, 1, 1]  # guidance 1 is the conditional model alone
     calls.clear()
     heun = run(steps=3, guidance=1.0, sampler="heun")
-    assert len(calls) == 5 == velocity_evaluations("heun", 3)  # two evaluations per step but the last; bench counts them so
+    assert len(calls) == 5  # two evaluations per step but the last
     calls.clear()
     more_steps = run(steps=6, guidance=1.0)
     assert len(calls) == 6
@@ -557,10 +557,34 @@ def test_bench_counts_the_attention_flops_the_math_backend_spells_out(pipe):
 
     from kinetoscope.eval.bench import denoiser_flops
 
-    fused = denoiser_flops(pipe, 32, 32, 5, 4.0)  # the CPU flash kernel, which torch's counter does not know
+    settings = SamplingSettings(steps=2, guidance=4.0)
+    fused = denoiser_flops(pipe, 32, 32, 5, settings)  # the CPU flash kernel, which torch's counter does not know
     with sdpa_kernel(SDPBackend.MATH):  # the same attention as matmuls, which it does
-        spelled_out = denoiser_flops(pipe, 32, 32, 5, 4.0)
+        spelled_out = denoiser_flops(pipe, 32, 32, 5, settings)
     assert fused == spelled_out
+
+
+def test_guidance_applies_only_within_its_interval_and_the_bench_counts_the_passes(pipe, monkeypatch):
+    from kinetoscope.eval.bench import denoiser_flops
+
+    run = lambda **kw: pipe("two small yellow squares slide up", width=32, height=32, frames=1, seed=0, steps=6, guidance=4.0, **kw).frames
+    times = pipe.schedule.sampling_times(6, pipe.transformer.token_count(pipe.autoencoder.latent_shape(1, 32, 32)))[:-1].tolist()
+    calls = count_calls(pipe, monkeypatch)
+    everywhere = run()
+    assert calls == [2] * 6
+    calls.clear()
+    assert np.array_equal(run(guidance_interval=(0.0, 1.0)), everywhere)  # the default interval is the whole path
+    calls.clear()
+    limited = run(guidance_interval=(0.3, 0.8))
+    assert calls == [2 if 0.3 < t <= 0.8 else 1 for t in times] and 1 in calls and 2 in calls
+    assert not np.array_equal(limited, everywhere)
+    monkeypatch.undo()
+    per_pass = denoiser_flops(pipe, 32, 32, 1, SamplingSettings(steps=6, guidance=1.0)) / 6
+    assert denoiser_flops(pipe, 32, 32, 1, SamplingSettings(steps=6, guidance=4.0, guidance_interval=(0.3, 0.8))) == pytest.approx(
+        sum(calls) * per_pass, rel=0.01)
+    for bad in ((0.5, 0.5), (0.8, 0.3), (-0.1, 0.5), (0.2, 1.5), (0.2,), "ab", (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="guidance_interval must be two times"):
+            run(guidance_interval=bad)
 
 
 def test_bench_cli_reports_every_figure_the_issue_asks_for(weights_dir, capsys):
@@ -935,14 +959,15 @@ def test_a_distilled_pipeline_takes_one_pass_per_step_and_only_its_guidance_rang
 
     from kinetoscope.eval.bench import denoiser_flops
 
-    guided_flops = denoiser_flops(pipe, 32, 32, 5, 4.0)
+    guided_flops = denoiser_flops(pipe, 32, 32, 5, SamplingSettings(steps=3, guidance=4.0))
     monkeypatch.setattr(pipe.transformer, "forward", fake_velocity)
     pipe("a red circle", width=32, height=32, frames=1, steps=3, guidance=4.0)
     assert seen == [(1, [4.0])] * 3  # the prompt alone, with the scale, once per step
     monkeypatch.undo()
     plain = TextToVideo(tiny_transformer(), pipe.autoencoder, text_encoder)
     # The benchmark counts the pass it makes: half of what classifier-free guidance costs, plus the scale's embedding.
-    assert denoiser_flops(plain, 32, 32, 5, 1.0) < guided_flops < 0.51 * denoiser_flops(plain, 32, 32, 5, 4.0)
+    assert (denoiser_flops(plain, 32, 32, 5, SamplingSettings(steps=3, guidance=1.0)) < guided_flops
+            < 0.51 * denoiser_flops(plain, 32, 32, 5, SamplingSettings(steps=3, guidance=4.0)))
     for scale in (0.5, 5.5):
         with pytest.raises(ValueError, match="between 1 and 5 for this model"):
             pipe("a red circle", width=32, height=32, frames=1, steps=1, guidance=scale)
@@ -968,7 +993,7 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
     distilled_student(tiny_transformer(), (1.0, 3.0)).save_pretrained(weights)
     VideoAutoencoder(TINY_AE).save_pretrained(tmp_path / "autoencoder")
 
-    sampling = {"steps": 3, "guidance": 2.5, "sampler": "euler"}
+    sampling = {"steps": 3, "guidance": 2.5, "sampler": "euler", "guidance_interval": [0.0, 1.0]}
     (weights / "pipeline.json").write_text(json.dumps({"autoencoder": "../autoencoder", "fps": 8.0, "sampling": sampling}))
     pipe = TextToVideo.load(weights)
     assert pipe.sampling == SamplingSettings(3, 2.5, "euler")
@@ -1011,7 +1036,8 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
                             ({"sampling": {"guidance": 4.0}}, 'own sampling settings (pipeline.json "sampling") are not ones it can take: '
                                                               "guidance must be between 1 and 3"),
                             ({"sampling": {"guidance": "2"}}, "guidance must be between 1 and 3 for this model, got '2'"),
-                            ({"sampling": {"steps": 0}}, "steps must be a whole number")]:
+                            ({"sampling": {"steps": 0}}, "steps must be a whole number"),
+                            ({"sampling": {"guidance": 2.0, "guidance_interval": 0.5}}, "guidance_interval must be two times (low, high)")]:
         (weights / "pipeline.json").write_text(json.dumps({"autoencoder": "../autoencoder", **broken}))
         assert main(["generate", "a red circle", "-o", str(tmp_path / "y.png"), "--weights", str(weights)]) == 2
         err = capsys.readouterr().err.strip()

@@ -180,10 +180,13 @@ def add_sampling_arguments(parser):
 
 
 def compile_and_warm_up(pipe, width: int, height: int, frames: int, guidance: float):
-    """`--compile`: compile the transformer and take two sampling steps at this size and length, so
-    what follows does not wait for the compiler; a machine where it cannot compile gets one line."""
+    """`--compile`: compile the transformer and take a sampling step at this size and length with
+    guidance and one without (the prompt's pass alone, as outside the guidance interval), so what
+    follows does not wait for the compiler; a machine where it cannot compile gets one line."""
     with warnings.catch_warnings():  # the pipeline warns and goes on eagerly; here the user asked for compiling
         warnings.simplefilter("ignore")
-        pipe.compile()(PROBE_PROMPT, width=width, height=height, frames=frames, steps=2, guidance=guidance)
+        compiled = pipe.compile()
+        for interval in ((0.0, 1.0), (0.0, 0.5)):  # the one step, at t = 1, inside the interval, then outside it
+            compiled(PROBE_PROMPT, width=width, height=height, frames=frames, steps=1, guidance=guidance, guidance_interval=interval)
     if pipe.compile_failure:
         raise UsageError(f"torch.compile could not compile the transformer ({pipe.compile_failure}); run without --compile")

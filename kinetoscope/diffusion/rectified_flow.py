@@ -137,8 +137,3 @@ def stochastic_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Te
 
 
 SAMPLERS = {"euler": euler_sample, "heun": heun_sample, "stochastic": stochastic_sample}
-
-
-def velocity_evaluations(sampler: str, steps: int) -> int:
-    """How often `sampler` evaluates the velocity in `steps` steps: Heun twice a step but the last."""
-    return 2 * steps - 1 if sampler == "heun" else steps

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from kinetoscope.diffusion.rectified_flow import velocity_evaluations
+from kinetoscope.diffusion.rectified_flow import SAMPLERS
 from kinetoscope.models.precision import compute_dtype
 
 # Prompts of different lengths and words; the encoder's cache is cleared before each timed run, so
@@ -52,14 +52,18 @@ def matmul_rate(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0, devi
     return 2 * size**3 * runs / (time.perf_counter() - start)
 
 
-def denoiser_flops(pipe, width: int, height: int, frames: int, guidance: float) -> int:
-    """FLOPs of one velocity evaluation as sampling makes it: both halves of the batch under
-    classifier-free guidance, one pass without guidance or for a guidance-distilled model."""
+def denoiser_flops(pipe, width: int, height: int, frames: int, sampling) -> int:
+    """FLOPs of one clip's sampling as it is made: every velocity evaluation of its sampler, with
+    both halves of the batch where classifier-free guidance applies (its interval) and one pass
+    elsewhere or for a guidance-distilled model."""
     latent_shape = pipe.autoencoder.latent_shape(frames, height, width)
     text, mask = pipe.text_encoder.encode([BENCH_PROMPTS[0]])
-    velocity = pipe.guided_velocity(text.to(pipe.device), mask.to(pipe.device), guidance, pipe.transformer)  # eager: compiled kernels go uncounted
+    velocity = pipe.guided_velocity(text.to(pipe.device), mask.to(pipe.device), sampling.guidance, pipe.transformer,  # eager: compiled kernels go uncounted
+                                    interval=sampling.guidance_interval)
+    times = pipe.schedule.sampling_times(sampling.steps, pipe.transformer.token_count(latent_shape), pipe.device)
     with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter, torch.no_grad():
-        velocity(torch.zeros(1, *latent_shape, device=pipe.device), torch.full((1,), 0.5, device=pipe.device))
+        SAMPLERS[sampling.sampler](velocity, torch.zeros(1, *latent_shape, device=pipe.device), times,
+                                   draw_noise=lambda shape: torch.zeros(shape))
     return counter.get_total_flops()
 
 
@@ -87,7 +91,7 @@ def benchmark_generation(pipe, width=128, height=128, frames=17, sampling=None, 
     stages = {stage: float(np.median([r[stage] for r in runs])) for stage in runs[0]}
     total = sum(stages.values())
     clip_seconds = (frames - 1) / pipe.fps
-    flops = denoiser_flops(pipe, width, height, frames, guidance) * velocity_evaluations(sampling.sampler, steps)
+    flops = denoiser_flops(pipe, width, height, frames, sampling)
     dtype = compute_dtype(pipe.device)
     peak = matmul_rate(dtype, device=pipe.device.type)
     return {

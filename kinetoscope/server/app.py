@@ -10,7 +10,7 @@ import re
 import secrets
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -41,7 +41,7 @@ class Server:
 
     def __init__(self, settings: ServerSettings, pipelines: list):
         sampling = pipelines[0].sampling_for(settings.steps, settings.guidance, settings.sampler)  # settings left None: the model's own
-        settings = self.settings = replace(settings, **asdict(sampling))
+        settings = self.settings = replace(settings, steps=sampling.steps, guidance=sampling.guidance, sampler=sampling.sampler)
         self.sessions = db.open_database(settings.database)
         self.storage = VideoStorage(settings.videos_dir)
         self.limiter = access.RateLimiter(settings.requests_per_minute)
