@@ -145,7 +145,7 @@ def run_eval(args) -> int:
         sampling = pipe.sampling_for(args.steps, args.guidance, args.sampler)
     except ValueError as error:
         raise common.UsageError(str(error)) from None
-    print(f"sampling: {sampling.steps} steps of {sampling.sampler}, guidance {sampling.guidance:g}")
+    print(f"sampling: {sampling.describe()}")
 
     report_data = {"prompt_seed": args.prompt_seed, "sampling": asdict(sampling), "noise_seeds": NOISE_SEEDS}
     if pipe.planner is not None and not args.from_noise:

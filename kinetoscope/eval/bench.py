@@ -78,7 +78,6 @@ def peak_memory_mib(device: torch.device) -> float:
 def benchmark_generation(pipe, width=128, height=128, frames=17, sampling=None, repeats=5) -> dict:
     """`sampling`: SamplingSettings, or None for the model's own."""
     sampling = sampling or pipe.sampling_for()
-    steps, guidance = sampling.steps, sampling.guidance
     pipe(WARM_UP_PROMPT, width=width, height=height, frames=frames, **asdict(sampling))
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
@@ -95,7 +94,7 @@ def benchmark_generation(pipe, width=128, height=128, frames=17, sampling=None, 
     dtype = compute_dtype(pipe.device)
     peak = matmul_rate(dtype, device=pipe.device.type)
     return {
-        "clip": f"{width}x{height}, {frames} frames ({clip_seconds:g} s at {pipe.fps:g} fps), {steps} steps of {sampling.sampler}, guidance {guidance:g}",
+        "clip": f"{width}x{height}, {frames} frames ({clip_seconds:g} s at {pipe.fps:g} fps), {sampling.describe()}",
         "stages_s": stages,
         "total_s": total,
         "real_time_factor": clip_seconds / total,

@@ -70,6 +70,11 @@ class SamplingSettings:
     sampler: str = "stochastic"
     guidance_interval: tuple[float, float] = (0.0, 1.0)
 
+    def describe(self) -> str:
+        """In words, e.g. "20 steps of stochastic, guidance 4 at t in (0.22, 0.84]"."""
+        interval = "" if self.guidance_interval == (0.0, 1.0) else " at t in ({:g}, {:g}]".format(*self.guidance_interval)
+        return f"{self.steps} steps of {self.sampler}, guidance {self.guidance:g}{interval}"
+
 
 def whole_number(value, name: str, low: int, high: int) -> int:
     """`value` as an int if it is a whole number (NumPy's too) in low..high; else a ValueError naming it."""
