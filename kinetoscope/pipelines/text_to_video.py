@@ -380,7 +380,7 @@ class TextToVideo:
 
         def velocity(x, t):
             nonlocal estimate
-            guided = copies == 2 and interval[0] < float(t[0]) <= interval[1]
+            guided = copies == 2 and interval[0] < min(float(t[0]), 1.0) <= interval[1]  # the shift may leave t = 1 a rounding above 1
             rows, (row_text, row_mask, row_layout) = (2, (both_text, both_mask, both_layout)) if guided else (1, (text, mask, layout))
             previous = estimate.expand(rows, -1, -1, -1, -1) if estimate is not None else None
             with autocast_for(self.device):
