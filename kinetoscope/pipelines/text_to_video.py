@@ -70,6 +70,10 @@ class SamplingSettings:
     sampler: str = "stochastic"
     guidance_interval: tuple[float, float] = (0.0, 1.0)
 
+    def __post_init__(self):
+        if isinstance(self.guidance_interval, list):  # as pipeline.json holds it; checked_sampling refuses what is not two times
+            object.__setattr__(self, "guidance_interval", tuple(self.guidance_interval))
+
     def describe(self) -> str:
         """In words, e.g. "20 steps of stochastic, guidance 4 at t in (0.22, 0.84]"."""
         interval = "" if self.guidance_interval == (0.0, 1.0) else " at t in ({:g}, {:g}]".format(*self.guidance_interval)
