@@ -61,10 +61,10 @@ class SamplingSettings:
 
     `guidance_interval` (low, high): the times t (1 pure noise, 0 clean) in low < t <= high at
     which classifier-free guidance is applied; elsewhere the prompt's pass alone gives the
-    velocity, at half the cost (Kynkäänniemi et al., "Applying Guidance in a Limited Interval
-    Improves Sample and Distribution Quality in Diffusion Models", 2024). Guidance at the first,
-    noisiest steps and the last, nearly clean ones changes little that a layout model is not
-    already shown, and costs a second pass each."""
+    velocity, one row instead of two (Kynkäänniemi et al., "Applying Guidance in a Limited Interval
+    Improves Sample and Distribution Quality in Diffusion Models", 2024). Measured on the shipped
+    model (README): as often right either way, and no faster on a 2-core CPU, where a pass of one
+    row costs about what a pass of two does; so it guides everywhere, the default."""
     steps: int = 20
     guidance: float = 4.0
     sampler: str = "stochastic"
