@@ -380,11 +380,13 @@ class TextToVideo:
         copies = both_text.shape[0]
         both_layout = None if layout is None else torch.cat([layout, torch.zeros_like(layout)])[:copies]
         self_conditioned = self.transformer.cfg.self_condition
+        whole_path = tuple(interval) == SamplingSettings.guidance_interval
         estimate = None
 
         def velocity(x, t):
             nonlocal estimate
-            guided = copies == 2 and interval[0] < min(float(t[0]), 1.0) <= interval[1]  # the shift may leave t = 1 a rounding above 1
+            # Over the whole path, without reading t: on a GPU that read waits for the device at every step.
+            guided = copies == 2 and (whole_path or interval[0] < min(float(t[0]), 1.0) <= interval[1])  # the shift may leave t = 1 a rounding above 1
             rows, (row_text, row_mask, row_layout) = (2, (both_text, both_mask, both_layout)) if guided else (1, (text, mask, layout))
             previous = estimate.expand(rows, -1, -1, -1, -1) if estimate is not None else None
             with autocast_for(self.device):
