@@ -118,6 +118,7 @@ def test_recipes_are_checked_before_training(tmp_path):
         ('buckets = ["32x32x1", "32x32x5"]', 'buckets = ["32x32x4"]', "32x32x4 does not fit"),
         ("seed = 3", "seed = 3\nbucket_weights = [1]", "bucket_weights"),
         ("seed = 3", "seed = 3\nbucket_weights = [1, -1]", "bucket_weights"),
+        ("seed = 3", "seed = 3\nmotion_weights = { hop = 2.0 }", "motion_weights"),
         ("log_every = 1", "log_every = 0", "log_every"),
         ("checkpoint_minutes = 100", "checkpoint_minutes = 0", "checkpoint_minutes"),
         ("steps = 1\nguidance", "steps = 0\nguidance", "\\[eval\\] steps"),

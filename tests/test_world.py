@@ -176,6 +176,20 @@ def test_dataset_buckets_and_determinism():
     assert first["scene"] != other["scene"]
 
 
+def test_motion_weights_make_a_motion_more_common_and_refuse_nonsense():
+    def share_of_bouncing_scenes(motion_weights):
+        dataset = ShapesWorldDataset(seed=0, motion_weights=motion_weights)
+        rng = np.random.default_rng(5)
+        scenes = [dataset.sample_scene(rng, 1.0, 2.0, world.SceneConstraints()) for _ in range(400)]
+        return np.mean([any(obj.motion == "bounce" for obj in scene.objects) for scene in scenes])
+
+    plain, weighted = share_of_bouncing_scenes(None), share_of_bouncing_scenes({"bounce": 3.0})
+    assert weighted > 1.5 * plain  # 3x the odds of a scene with a bounce against one without
+    for wrong in ({"hop": 2.0}, {"bounce": 0}, {"bounce": -1.0}, {"bounce": "2"}, {"bounce": float("inf")}, [("bounce", 2.0)]):
+        with pytest.raises(ValueError, match="motion_weights"):
+            ShapesWorldDataset(motion_weights=wrong)
+
+
 def test_dataloader_workers_draw_different_streams():
     dataset = ShapesWorldDataset(buckets=[Bucket(64, 64, 1)], pixels_per_batch=64 * 64 * 4, seed=0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)

@@ -54,6 +54,17 @@ def tensor_to_clip(video: torch.Tensor) -> np.ndarray:
     return video.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
+def motion_keep_probabilities(motion_weights: dict[str, float]) -> dict[str, float]:
+    """{motion: weight} (unnamed motions 1) -> the chance that a scene whose heaviest motion it is stays drawn."""
+    if not isinstance(motion_weights, dict) or any(m not in world.MOTIONS for m in motion_weights):
+        raise ValueError(f"motion_weights must map world motions ({', '.join(world.MOTIONS)}) to weights, not {motion_weights!r}")
+    weights = {m: motion_weights.get(m, 1.0) for m in world.MOTIONS}
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in weights.values()):
+        raise ValueError(f"motion_weights must be numbers > 0, not {motion_weights!r}")
+    heaviest = max(weights.values())
+    return {m: w / heaviest for m, w in weights.items()}
+
+
 def stream_seed(seed: int) -> list[int]:
     """Seed for this process and DataLoader worker, so no two of them draw the same stream."""
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
@@ -66,6 +77,9 @@ class ShapesWorldDataset(IterableDataset):
 
     pixels_per_batch sets the batch size per bucket (at least 1 clip, at most max_batch_size) so
     that every step costs about the same; bucket_weights (default: uniform) sets how often each bucket is drawn.
+    motion_weights ({motion: weight}, unnamed motions 1) makes scenes showing a motion more common:
+    a drawn scene is kept with its heaviest object's weight over the heaviest weight, so a scene
+    without a weighted motion stays as likely as before relative to others like it.
     split is "train" (held-out combinations and phrasings never appear) or "heldout".
     """
 
@@ -78,6 +92,7 @@ class ShapesWorldDataset(IterableDataset):
         seed: int = 0,
         split: str = "train",
         bucket_weights=None,
+        motion_weights: dict[str, float] | None = None,
         with_captions: bool = True,
     ):
         if split not in ("train", "heldout"):
@@ -87,6 +102,7 @@ class ShapesWorldDataset(IterableDataset):
         if weights.shape != (len(self.buckets),) or not np.all(np.isfinite(weights)) or weights.min() < 0 or weights.sum() <= 0:
             raise ValueError(f"bucket_weights must be {len(self.buckets)} numbers >= 0 (one per bucket, not all 0), not {bucket_weights!r}")
         self.bucket_probs = weights / weights.sum()
+        self.motion_keep = motion_keep_probabilities(motion_weights or {})
         self.pixels_per_batch = pixels_per_batch
         self.max_batch_size = max_batch_size
         self.fps = fps
@@ -100,6 +116,7 @@ class ShapesWorldDataset(IterableDataset):
         return cls(
             buckets=[Bucket.parse(b) for b in data["buckets"]],
             bucket_weights=data.get("bucket_weights"),
+            motion_weights=data.get("motion_weights"),
             pixels_per_batch=data["pixels_per_batch"],
             max_batch_size=data.get("max_batch_size", 64),
             fps=data["fps"],
@@ -116,12 +133,18 @@ class ShapesWorldDataset(IterableDataset):
             bucket = self.buckets[rng.choice(len(self.buckets), p=self.bucket_probs)]
             yield self.make_batch(rng, bucket, self.batch_size(bucket))
 
+    def sample_scene(self, rng: np.random.Generator, aspect: float, seconds: float, constraints) -> world.Scene:
+        while True:
+            scene = world.sample_scene(rng, aspect, seconds, constraints)
+            if rng.random() < max(self.motion_keep[obj.motion] for obj in scene.objects):
+                return scene
+
     def make_batch(self, rng: np.random.Generator, bucket: Bucket, batch_size: int) -> dict:
         from kinetoscope.data import captions  # the vocabulary and split live there
 
         constraints = captions.TRAIN_SCENES if self.split == "train" else captions.HELDOUT_SCENES
         seconds = max(bucket.frames - 1, 1) / self.fps
-        scenes = [world.sample_scene(rng, bucket.width / bucket.height, seconds, constraints) for _ in range(batch_size)]
+        scenes = [self.sample_scene(rng, bucket.width / bucket.height, seconds, constraints) for _ in range(batch_size)]
         videos = [clip_to_tensor(world.render(s, bucket.width, bucket.height, bucket.frames, self.fps)) for s in scenes]
         texts = [captions.caption_variants(s, rng, count=1, split=self.split)[0] for s in scenes] if self.with_captions else []
         return {"video": torch.stack(videos), "caption": texts, "scene": [s.to_dict() for s in scenes], "bucket": bucket}

@@ -64,7 +64,7 @@ REQUIRED = {
 KNOWN = {
     "model": ("size", "init", "overrides", "planner"),
     "schedule": tuple(f.name for f in fields(FlowSchedule)),
-    "data": (*DATA_KEYS, "autoencoder", "bucket_weights", "max_batch_size"),
+    "data": (*DATA_KEYS, "autoencoder", "bucket_weights", "motion_weights", "max_batch_size"),
     "train": (*REQUIRED["train"], "minutes", "reuse", "times", "layout_loss", "layout_block"),
     "eval": REQUIRED["eval"],
     "distill": ("teacher", "guidance"),
