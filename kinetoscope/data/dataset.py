@@ -136,7 +136,8 @@ class ShapesWorldDataset(IterableDataset):
     def sample_scene(self, rng: np.random.Generator, aspect: float, seconds: float, constraints) -> world.Scene:
         while True:
             scene = world.sample_scene(rng, aspect, seconds, constraints)
-            if rng.random() < max(self.motion_keep[obj.motion] for obj in scene.objects):
+            keep = max(self.motion_keep[obj.motion] for obj in scene.objects)
+            if keep == 1.0 or rng.random() < keep:  # no draw when kept for sure: recipes without weights keep their stream
                 return scene
 
     def make_batch(self, rng: np.random.Generator, bucket: Bucket, batch_size: int) -> dict:
