@@ -184,8 +184,9 @@ def test_motion_weights_make_a_motion_more_common_and_refuse_nonsense():
         return np.mean([any(obj.motion == "bounce" for obj in scene.objects) for scene in scenes])
 
     unweighted = ShapesWorldDataset(seed=0, motion_weights={"bounce": 1.0})  # recipes without weights keep their stream
-    drawn = [unweighted.sample_scene(rng, 1.0, 2.0, world.SceneConstraints()) for rng in [np.random.default_rng(9)] for _ in range(20)]
-    assert drawn == [world.sample_scene(rng, 1.0, 2.0) for rng in [np.random.default_rng(9)] for _ in range(20)]
+    through_dataset, through_world = np.random.default_rng(9), np.random.default_rng(9)
+    drawn = [unweighted.sample_scene(through_dataset, 1.0, 2.0, world.SceneConstraints()) for _ in range(20)]
+    assert drawn == [world.sample_scene(through_world, 1.0, 2.0) for _ in range(20)]
     plain, weighted = share_of_bouncing_scenes(None), share_of_bouncing_scenes({"bounce": 3.0})
     assert weighted > 1.5 * plain  # 3x the odds of a scene with a bounce against one without
     for wrong in ({"hop": 2.0}, {"bounce": 0}, {"bounce": -1.0}, {"bounce": "2"}, {"bounce": float("inf")}, [("bounce", 2.0)]):

@@ -133,7 +133,7 @@ class ShapesWorldDataset(IterableDataset):
             bucket = self.buckets[rng.choice(len(self.buckets), p=self.bucket_probs)]
             yield self.make_batch(rng, bucket, self.batch_size(bucket))
 
-    def sample_scene(self, rng: np.random.Generator, aspect: float, seconds: float, constraints) -> world.Scene:
+    def sample_scene(self, rng: np.random.Generator, aspect: float, seconds: float, constraints: world.SceneConstraints) -> world.Scene:
         while True:
             scene = world.sample_scene(rng, aspect, seconds, constraints)
             keep = max(self.motion_keep[obj.motion] for obj in scene.objects)
