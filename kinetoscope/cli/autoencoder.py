@@ -1,4 +1,4 @@
-"""`kinetoscope ae train|eval` and `kinetoscope reconstruct`."""
+"""`kinetoscope ae train|eval|paint` and `kinetoscope reconstruct`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,16 @@ def register(subparsers):
     evaluate.add_argument("--weights", help="checkpoint folder (default: the shipped weights)")
     evaluate.add_argument("--clips", type=common.positive_int, default=16, help="held-out clips per size")
     evaluate.set_defaults(handler=run_eval)
+
+    paint = ae_commands.add_parser(
+        "paint", help="painted pairs for tuning a decoder to a layout generator: its latents of training scenes, painted from their true plans")
+    paint.add_argument("--output", required=True, help="file of pairs; one that exists is resumed")
+    paint.add_argument("--count", type=common.positive_int, required=True, help="pairs the file should hold")
+    paint.add_argument("--seed", type=common.seed, default=0, help="which scenes and noise (one per process painting in parallel)")
+    paint.add_argument("--size", type=common.parse_size, default=(128, 128), help="WxH of the clips (default 128x128)")
+    paint.add_argument("--seconds", type=common.positive_float, default=2.0, help="length of the clips (default 2)")
+    paint.add_argument("--weights", help="layout generator folder (default: the shipped model)")
+    paint.set_defaults(handler=run_paint)
 
     reconstruct = subparsers.add_parser("reconstruct", help="encode and decode a video with the autoencoder")
     reconstruct.add_argument("input", help="any common video file")
@@ -56,6 +66,37 @@ def run_eval(args) -> int:
         f"speed, 2 s 128x128 clip ({speed['bucket']}): encode {speed['encode_s'] * 1000:.1f} ms, "
         f"decode {speed['decode_s'] * 1000:.1f} ms, {clip_seconds / total:.0f}x real time"
     )
+    return 0
+
+
+def run_paint(args) -> int:
+    from tqdm import tqdm
+
+    from kinetoscope.pipelines.text_to_video import TextToVideo
+    from kinetoscope.training.painted import paint_pairs
+
+    common.check_writable_file(Path(args.output), "--output")
+    pipe = common.load_weights(TextToVideo.load, args.weights)
+    width, height = args.size
+    try:
+        pipe.check_request(common.PROBE_PROMPT, width, height, pipe.frames_for(args.seconds))
+    except ValueError as error:
+        raise common.UsageError(str(error)) from None
+    bars = []  # opened once the file is known to be resumable, so a refusal is one line
+
+    def progress(done: int):
+        if not bars:
+            bars.append(tqdm(total=args.count, initial=done, desc="painted pairs", dynamic_ncols=True))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        pairs = paint_pairs(pipe, args.output, args.count, args.seed, args.size, args.seconds, progress)
+    except ValueError as error:
+        raise common.UsageError(str(error)) from None
+    finally:
+        for bar in bars:
+            bar.close()
+    print(f"{args.output}: {len(pairs)} painted pairs of {width}x{height}, {pairs.frames} frames")
     return 0
 
 

@@ -113,6 +113,7 @@ class GeneratedVideo:
     seed: int
     timings: dict = field(default_factory=dict)  # seconds spent in text, denoise, decode
     plan: tuple | None = None  # a layout model's planned objects (data/world.py's ShapeObject), where it drew them
+    latents: torch.Tensor | None = None  # (1, C, T, h, w) normalised: what the autoencoder decoded into the frames
 
 
 class TextToVideo:
@@ -333,7 +334,7 @@ class TextToVideo:
             video = self.autoencoder.decode(latents)
         frames_out = tensor_to_clip(video[0])
         timings["decode"] = self._clock() - start
-        return GeneratedVideo(frames_out, self.fps, seed, timings, plan)
+        return GeneratedVideo(frames_out, self.fps, seed, timings, plan, latents)
 
     def denoise(self, text, mask, latent_shape, steps: int, guidance: float, seed: int, sampler: str, on_step=None,
                 given: torch.Tensor | None = None, strength: float = 1.0, layout: torch.Tensor | None = None,

@@ -5,6 +5,11 @@
 Resumes from OUTPUT/checkpoint when present. Every `eval_every` steps it measures PSNR on held-out
 clips, writes a reconstruction contact sheet and the loss curve; at the end it measures the
 latent statistics and exports the shippable weights to OUTPUT/final.
+
+With `[data] painted` (files of `kinetoscope ae paint`, training/painted.py) and `[train]
+painted_share`, that share of the steps teaches the decoder to draw a generator's painted latents as
+the clips they stand for, the encoder frozen; the first PAINTED_HELD_OUT pairs are never trained on
+and measure it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -24,6 +30,7 @@ from kinetoscope.eval.reconstruction import heldout_clips, psnr
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from kinetoscope.models.checkpoint import config_from_dict
 from kinetoscope.models.precision import autocast_for
+from kinetoscope.training.painted import PaintedPairs, encoder_fingerprint, join_pairs
 from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, check_train_settings,
                                          check_buckets, learning_rate, load_recipe, recipe_dataset, replace_folder,
                                          reuse_setting, run_progress)
@@ -31,9 +38,10 @@ from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, Recip
 REQUIRED = {"model": (), "data": DATA_KEYS, "train": TRAIN_KEYS}
 KNOWN = {
     "model": None,  # the autoencoder's config names its own settings
-    "data": (*DATA_KEYS, "bucket_weights", "max_batch_size"),
-    "train": (*TRAIN_KEYS, "minutes", "reuse", "l1_weight", "freeze_encoder"),
+    "data": (*DATA_KEYS, "bucket_weights", "max_batch_size", "painted"),
+    "train": (*TRAIN_KEYS, "minutes", "reuse", "l1_weight", "freeze_encoder", "painted_share"),
 }
+PAINTED_HELD_OUT = 64  # painted pairs, the first of the files named, that only evaluation sees
 
 
 def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor, l1_weight: float = 1.0) -> torch.Tensor:
@@ -117,8 +125,11 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     elif recipe["model"].get("init"):
         start_from(model, recipe["model"]["init"])
         print(f"starting from the weights in {recipe['model']['init']}")
+    painted, painted_share = painted_setting(recipe, model)
     clock = Stopwatch(carried)
     eval_video = heldout_clips(Bucket(128, 128, 17))  # the clips behind `ae eval`'s 128x128 figure
+    held_out = min(PAINTED_HELD_OUT, len(painted) // 2) if painted is not None else 0
+    painted_eval = (painted.latents[:held_out].float(), painted.clips(range(held_out))) if painted is not None else None
 
     def checkpoint():
         run.save(model, optimizer, {"step": step, "elapsed_s": clock.elapsed, "recipe": recipe}, save_training_model)
@@ -130,20 +141,26 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     stream = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=settings["workers"]))
     pool = BatchPool(lambda: next(stream), reuse, seed=settings["seed"] * 1_000_003 + step)
     if step == 0 and recipe["model"].get("init"):
-        evaluate(model, eval_video, run, step)  # where the weights it continues from stand
+        evaluate(model, eval_video, run, step, painted_eval)  # where the weights it continues from stand
     model.train()
     while (fraction := run_progress(step, total_steps, clock.elapsed, minutes)) < 1.0:
-        batch = pool.next()
         lr = learning_rate(step, settings["lr"], settings["warmup"], fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        video = batch["video"].to(device, non_blocking=True)
-        if reuse > 1 and pool.rng.random() < 0.5:  # each draw is mirrored half the time, so a batch's repeats differ
-            video = video.flip(-1)
-        with autocast_for(device):
-            with torch.set_grad_enabled(not freeze_encoder):
-                latents = model.encode(video, normalize=False)
-            recon = model.decode(latents, normalized=False)
+        if painted is not None and pool.rng.random() < painted_share:
+            chosen = pool.rng.choice(np.arange(held_out, len(painted)), painted_batch(recipe["data"], painted), replace=False)
+            video, source = painted.clips(chosen).to(device), "painted"
+            with autocast_for(device):
+                recon = model.decode(painted.latents[chosen].float().to(device))
+        else:
+            batch = pool.next()
+            video, source = batch["video"].to(device, non_blocking=True), str(batch["bucket"])
+            if reuse > 1 and pool.rng.random() < 0.5:  # each draw is mirrored half the time, so a batch's repeats differ
+                video = video.flip(-1)
+            with autocast_for(device):
+                with torch.set_grad_enabled(not freeze_encoder):
+                    latents = model.encode(video, normalize=False)
+                recon = model.decode(latents, normalized=False)
         loss = reconstruction_loss(video, recon, l1_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,12 +169,12 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
             optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", bucket=str(batch["bucket"]))
+        bar.set_postfix(loss=f"{loss.item():.4f}", bucket=source)
         if step % settings["log_every"] == 0:
             run.log({"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr,
-                     "bucket": str(batch["bucket"]), "elapsed_s": round(clock.elapsed, 1)})
+                     "bucket": source, "elapsed_s": round(clock.elapsed, 1)})
         if step % settings["eval_every"] == 0:
-            evaluate(model, eval_video, run, step)
+            evaluate(model, eval_video, run, step, painted_eval)
             model.train()
         if time.monotonic() - last_checkpoint > settings["checkpoint_minutes"] * 60:
             checkpoint()
@@ -165,12 +182,51 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     bar.close()
     checkpoint()
     if step % settings["eval_every"]:  # the last step's evaluation, unless the loop just made it
-        evaluate(model, eval_video, run, step)
+        evaluate(model, eval_video, run, step, painted_eval)
     return export(model, recipe, run, step, clock.elapsed, device, measure_latents=not freeze_encoder)
 
 
+def painted_setting(recipe: dict, model: VideoAutoencoder) -> tuple[PaintedPairs | None, float]:
+    """The recipe's painted pairs, checked to be in `model`'s latent space, and the share of steps they take."""
+    files, share = recipe["data"].get("painted"), recipe["train"].get("painted_share")
+    if files is None and share is None:
+        return None, 0.0
+    if files is None or share is None:
+        raise RecipeError("[data] painted and [train] painted_share go together: the pairs, and the share of steps they take")
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise RecipeError(f"[train] painted_share must be a number above 0 and at most 1, not {share!r}")
+    if not recipe["train"].get("freeze_encoder"):
+        raise RecipeError("[data] painted needs [train] freeze_encoder = true: the pairs' latents are the frozen encoder's space")
+    files = [files] if isinstance(files, str) else files
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        raise RecipeError(f"[data] painted must name a file of painted pairs or a list of them, not {files!r}")
+    try:
+        pairs = join_pairs(files)
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"[data] painted: {error}") from None
+    if len(pairs) < 2:
+        raise RecipeError(f"[data] painted: {len(pairs)} pair is too few to hold some out and train on the rest")
+    if pairs.encoder != encoder_fingerprint(model):
+        raise RecipeError("[data] painted: the pairs were painted in another latent space than [model] init's encoder makes")
+    width, height = pairs.size
+    try:
+        expected = model.latent_shape(pairs.frames, height, width)
+    except ValueError as error:
+        raise RecipeError(f"[data] painted: {error}") from None
+    if tuple(pairs.latents.shape[1:]) != expected:
+        raise RecipeError("[data] painted: the pairs' latents are not the shape this autoencoder decodes to their clips")
+    return pairs, float(share)
+
+
+def painted_batch(data: dict, pairs: PaintedPairs) -> int:
+    """Pairs a step decodes: as many clips as the recipe's pixels per batch hold, at least one."""
+    width, height = pairs.size
+    return max(1, min(len(pairs) // 2, data["pixels_per_batch"] // (width * height * pairs.frames)))
+
+
 @torch.no_grad()
-def evaluate(model: VideoAutoencoder, video: torch.Tensor, run: RunDirectory, step: int):
+def evaluate(model: VideoAutoencoder, video: torch.Tensor, run: RunDirectory, step: int,
+             painted: tuple[torch.Tensor, torch.Tensor] | None = None):
     from kinetoscope.media.frames import save_contact_sheet
 
     model.eval()
@@ -178,11 +234,20 @@ def evaluate(model: VideoAutoencoder, video: torch.Tensor, run: RunDirectory, st
     with autocast_for(device):
         recon = model.decode(model.encode(video.to(device))).float().cpu()
     score = float(psnr(video, recon).mean())
-    run.log({"step": step, "eval_psnr_128": score})
+    record = {"step": step, "eval_psnr_128": score}
     clips, labels = [], []
     for i in range(min(4, video.shape[0])):
         clips += [tensor_to_clip(video[i]), tensor_to_clip(recon[i])]
         labels += [f"held-out clip {i}", f"reconstruction, step {step}"]
+    if painted is not None:
+        latents, truth = painted
+        with autocast_for(device):
+            drawn = torch.cat([model.decode(latents[i : i + 8].to(device)).float().cpu() for i in range(0, len(latents), 8)])
+        record["eval_psnr_painted"] = float(psnr(truth, drawn).mean())
+        for i in range(min(4, len(latents))):
+            clips += [tensor_to_clip(truth[i]), tensor_to_clip(drawn[i])]
+            labels += [f"held-out painted pair {i}: its scene", f"its painted latents decoded, step {step}"]
+    run.log(record)
     save_contact_sheet(run.root / "samples" / f"reconstruction_{step:06d}.png", clips, labels)
     run.plot_loss(("loss",), title=f"autoencoder loss (eval PSNR {score:.1f} dB at step {step})")
 
