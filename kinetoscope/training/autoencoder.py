@@ -30,10 +30,10 @@ from kinetoscope.eval.reconstruction import heldout_clips, psnr
 from kinetoscope.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from kinetoscope.models.checkpoint import config_from_dict
 from kinetoscope.models.precision import autocast_for
-from kinetoscope.training.painted import PaintedPairs, encoder_fingerprint, join_pairs
 from kinetoscope.training.common import (DATA_KEYS, TRAIN_KEYS, BatchPool, RecipeError, RunDirectory, Stopwatch, check_train_settings,
                                          check_buckets, learning_rate, load_recipe, recipe_dataset, replace_folder,
                                          reuse_setting, run_progress)
+from kinetoscope.training.painted import PaintedPairs, encoder_fingerprint, join_pairs
 
 REQUIRED = {"model": (), "data": DATA_KEYS, "train": TRAIN_KEYS}
 KNOWN = {
