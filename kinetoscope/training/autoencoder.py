@@ -128,8 +128,11 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     painted, painted_share = painted_setting(recipe, model)
     clock = Stopwatch(carried)
     eval_video = heldout_clips(Bucket(128, 128, 17))  # the clips behind `ae eval`'s 128x128 figure
-    held_out = min(PAINTED_HELD_OUT, len(painted) // 2) if painted is not None else 0
-    painted_eval = (painted.latents[:held_out].float(), painted.clips(range(held_out))) if painted is not None else None
+    painted_eval, trainable_pairs, pairs_per_step = None, None, 0
+    if painted is not None:
+        held_out = min(PAINTED_HELD_OUT, len(painted) // 2)
+        painted_eval = (painted.latents[:held_out].float(), painted.clips(range(held_out)))
+        trainable_pairs, pairs_per_step = np.arange(held_out, len(painted)), painted_batch(recipe["data"], painted)
 
     def checkpoint():
         run.save(model, optimizer, {"step": step, "elapsed_s": clock.elapsed, "recipe": recipe}, save_training_model)
@@ -148,7 +151,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr
         if painted is not None and pool.rng.random() < painted_share:
-            chosen = pool.rng.choice(np.arange(held_out, len(painted)), painted_batch(recipe["data"], painted), replace=False)
+            chosen = pool.rng.choice(trainable_pairs, pairs_per_step, replace=False)
             video, source = painted.clips(chosen).to(device), "painted"
             with autocast_for(device):
                 recon = model.decode(painted.latents[chosen].float().to(device))
