@@ -1046,3 +1046,84 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "y.png").exists()
+
+
+def test_a_low_noise_transformer_denoises_the_cleaner_stretch_of_the_path(text_encoder, monkeypatch):
+    """Wan 2.2's split: the transformer takes the steps above the boundary, the low-noise one the
+    rest, the boundary being a share of the path before the shift, as a recipe's [train] times is."""
+    autoencoder, high, low = VideoAutoencoder(TINY_AE), tiny_transformer(0), tiny_transformer(1)
+    single = TextToVideo(high, autoencoder, text_encoder)
+    split = TextToVideo(high, autoencoder, text_encoder, low_noise_transformer=low, boundary=0.5)
+    seen = []
+    for name, model in (("high", high), ("low", low)):
+        monkeypatch.setattr(model, "forward", lambda x, t, *a, _f=model.forward, _n=name, **k: seen.append((_n, float(t[0]))) or _f(x, t, *a, **k))
+    run = lambda pipe: pipe("a red circle moves left", width=32, height=32, frames=5, steps=4, seed=1, sampler="euler").frames
+    alone = run(single)
+    seen.clear()
+    both = run(split)
+    latent_shape = autoencoder.latent_shape(5, 32, 32)
+    times = split.schedule.sampling_times(4, high.token_count(latent_shape))[:-1].tolist()
+    assert split.schedule.shift(high.token_count(latent_shape)) != 1  # so the boundary is shifted, as the steps are
+    assert split.boundary_time(latent_shape) == pytest.approx(times[2])  # path 0.5: the third of the four steps
+    assert seen == [("high", times[0]), ("high", times[1]), ("low", times[2]), ("low", times[3])]
+    assert not np.array_equal(alone, both)
+    twin = TextToVideo(high, autoencoder, text_encoder, low_noise_transformer=tiny_transformer(0), boundary=0.5)
+    assert np.array_equal(run(twin), alone)  # the same weights on both sides: the single transformer's video
+
+    other = DiffusionTransformer(config_for("tiny", latent_channels=8, depth=3))
+    with pytest.raises(ValueError, match="the transformer's architecture"):
+        TextToVideo(high, autoencoder, text_encoder, low_noise_transformer=other)
+    with pytest.raises(ValueError, match="above 0 and below 1"):
+        TextToVideo(high, autoencoder, text_encoder, low_noise_transformer=low, boundary=1.0)
+
+
+def test_join_experts_makes_one_folder_that_loads_both_and_refuses_what_cannot_be_joined(weights_dir, tmp_path, capsys):
+    """`kinetoscope join-experts NOISY CLEAN --boundary B -o DIR`: the folder it writes names the
+    clean export's transformer under pipeline.json's "low_noise"; a broken "low_noise" is one line."""
+    shutil.copytree(weights_dir.parent / "autoencoder", tmp_path / "autoencoder")
+    shutil.copytree(weights_dir, tmp_path / "noisy")
+    shutil.copytree(weights_dir, tmp_path / "clean")
+    tiny_transformer(1).save_pretrained(tmp_path / "clean")
+    joined = tmp_path / "joined"
+    assert main(["join-experts", str(tmp_path / "noisy"), str(tmp_path / "clean"), "--boundary", "0.4", "-o", str(joined)]) == 0
+    assert "joined" in capsys.readouterr().out
+    pipe = TextToVideo.load(joined)
+    assert pipe.boundary == 0.4 and pipe.planner is None and pipe.autoencoder.cfg == TINY_AE
+    assert all(torch.equal(a, b) for a, b in zip(pipe.low_noise_transformer.parameters(), tiny_transformer(1).parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), TextToVideo.load(weights_dir).transformer.parameters()))
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--steps", "2", "--weights", str(joined)]) == 0
+    assert (tmp_path / "x.png").is_file()
+    capsys.readouterr()
+
+    shutil.copytree(weights_dir, tmp_path / "deeper")
+    DiffusionTransformer(config_for("tiny", latent_channels=8, depth=3)).save_pretrained(tmp_path / "deeper")
+    shutil.copytree(weights_dir, tmp_path / "elsewhere")
+    VideoAutoencoder(TINY_AE).save_pretrained(tmp_path / "other_autoencoder")  # the same shape, other weights
+    (tmp_path / "elsewhere" / "pipeline.json").write_text(json.dumps({"autoencoder": "../other_autoencoder"}))
+    before = {path.name: path.read_bytes() for path in joined.rglob("*") if path.is_file()}
+    for args, message in [(["noisy", "clean", "--boundary", "1"], "above 0 and below 1"),
+                          (["noisy", "deeper", "--boundary", "0.5"], "differ in architecture"),
+                          (["noisy", "elsewhere", "--boundary", "0.5"], "different autoencoders' latents"),
+                          (["joined", "clean", "--boundary", "0.5"], "already has a low-noise transformer"),
+                          (["noisy", "nowhere", "--boundary", "0.5"], "is not a generator folder"),
+                          (["joined", "clean", "--boundary", "0.5", "-o", str(joined)], "must be a new folder")]:
+        folders = [str(tmp_path / name) if i < 2 else name for i, name in enumerate(args)]
+        output = [] if "-o" in args else ["-o", str(tmp_path / "again")]
+        assert main(["join-experts", *folders, *output]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert {path.name: path.read_bytes() for path in joined.rglob("*") if path.is_file()} == before  # a refusal writes nothing
+    assert not (tmp_path / "again").exists() and not (tmp_path / "again.tmp").exists()
+
+    write = lambda low_noise: (joined / "pipeline.json").write_text(
+        json.dumps({"autoencoder": "../autoencoder", "fps": 8.0, "low_noise": low_noise}))
+    for broken, message in [("low_noise", '"low_noise" must be an object of "transformer"'),
+                            ({"transformer": "low_noise", "bound": 0.4}, '"low_noise" must be an object of "transformer"'),
+                            ({"transformer": "low_noise", "boundary": 2}, "above 0 and below 1"),
+                            ({"transformer": str(tmp_path / "deeper")}, "the transformer's architecture"),
+                            ({"transformer": "nowhere"}, "nowhere")]:
+        write(broken)
+        assert main(["generate", "a red circle", "-o", str(tmp_path / "y.png"), "--weights", str(joined)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "y.png").exists()

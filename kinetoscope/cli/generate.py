@@ -1,4 +1,5 @@
-"""`kinetoscope generate`, `kinetoscope train`, `kinetoscope eval`, `kinetoscope compare` and `kinetoscope bench`."""
+"""`kinetoscope generate`, `kinetoscope train`, `kinetoscope join-experts`, `kinetoscope eval`, `kinetoscope compare` and
+`kinetoscope bench`."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ def register(subparsers):
     train = subparsers.add_parser("train", help="train the generator from a recipe (resumes; works under torchrun)")
     common.add_training_arguments(train, "configs/generator.toml")
     train.set_defaults(handler=run_train)
+
+    join = subparsers.add_parser("join-experts", help="one generator of two trained on the noisier and the cleaner stretch of the path")
+    join.add_argument("noisy", help="generator folder trained on the noisier stretch ([train] times = [BOUNDARY, 1])")
+    join.add_argument("clean", help="generator folder trained on the cleaner stretch ([train] times = [0, BOUNDARY])")
+    join.add_argument("--boundary", type=common.path_fraction, required=True, help="the share of the path (before the shift) where they meet")
+    join.add_argument("--output", "-o", required=True, help="the joined generator folder (replaced if there)")
+    join.set_defaults(handler=run_join_experts)
 
     evaluate = subparsers.add_parser("eval", help="generate held-out prompts and score them with the judge")
     evaluate.add_argument("--per-tier", type=common.positive_int, default=50, help="prompts per tier")
@@ -122,6 +130,20 @@ def run_train(args) -> int:
     from kinetoscope.training.generator import train
 
     return common.run_training(train, args)
+
+
+def run_join_experts(args) -> int:
+    from kinetoscope.training.generator import join_experts
+
+    noisy, clean, output = Path(args.noisy), Path(args.clean), Path(args.output)
+    if output.resolve() in (noisy.resolve(), clean.resolve()):
+        raise common.UsageError("--output must be a new folder, not one of the two it joins")
+    try:
+        joined = join_experts(noisy, clean, args.boundary, output)
+    except (ValueError, OSError) as error:
+        raise common.UsageError(str(error).splitlines()[0]) from None
+    print(f"joined {noisy} (above {args.boundary:g} of the path) and {clean} (at and below it) into {joined}")
+    return 0
 
 
 def run_eval(args) -> int:

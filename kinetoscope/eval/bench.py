@@ -55,7 +55,8 @@ def matmul_rate(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0, devi
 def denoiser_flops(pipe, width: int, height: int, frames: int, sampling) -> int:
     """FLOPs of one clip's sampling as it is made: every velocity evaluation of its sampler, with
     both halves of the batch where classifier-free guidance applies (its interval) and one pass
-    elsewhere or for a guidance-distilled model."""
+    elsewhere or for a guidance-distilled model. A low-noise transformer has the transformer's
+    architecture (the pipeline checks), so counting the transformer's passes alone counts its too."""
     latent_shape = pipe.autoencoder.latent_shape(frames, height, width)
     text, mask = pipe.text_encoder.encode([BENCH_PROMPTS[0]])
     velocity = pipe.guided_velocity(text.to(pipe.device), mask.to(pipe.device), sampling.guidance, pipe.transformer,  # eager: compiled kernels go uncounted

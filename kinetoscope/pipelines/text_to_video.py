@@ -9,6 +9,11 @@ The prompt is encoded by the text encoder, noise in the autoencoder's latent spa
 a clean latent by the diffusion transformer (rectified flow, classifier-free guidance), and the
 autoencoder decodes it to frames. For a layout model, a layout planner first places the prompt's
 objects (pipelines/layout.py), and the transformer is shown where (data/layout.py).
+
+A pipeline may split the path between two transformers of one architecture (Wan 2.2's experts):
+its `transformer` denoises the noisier stretch and its `low_noise_transformer` the cleaner one,
+below `boundary`, a share of the sampler's path before the time shift (as a recipe's `[train]
+times` gives it, so an expert denoises the very stretch it was trained on at any size).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from kinetoscope.data import world
 from kinetoscope.data.dataset import clip_to_tensor, tensor_to_clip
 from kinetoscope.data.layout import LAYOUT_CHANNELS, MAX_OBJECTS, layout_inputs, silhouette_channels
-from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, add_noise, predicted_clean
+from kinetoscope.diffusion.rectified_flow import SAMPLERS, FlowSchedule, add_noise, predicted_clean, shift_time
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer
 from kinetoscope.models.planner import LayoutPlanner, PlanScorer
@@ -119,7 +124,8 @@ class GeneratedVideo:
 class TextToVideo:
     def __init__(self, transformer: DiffusionTransformer, autoencoder: VideoAutoencoder, text_encoder: TextEncoder,
                  schedule: FlowSchedule = FlowSchedule(), fps: float = 8.0, device: str | torch.device = "cpu",
-                 sampling: SamplingSettings | None = None, planner: LayoutPlanner | None = None, plan_scorer: PlanScorer | None = None):
+                 sampling: SamplingSettings | None = None, planner: LayoutPlanner | None = None, plan_scorer: PlanScorer | None = None,
+                 low_noise_transformer: DiffusionTransformer | None = None, boundary: float = 0.5):
         if transformer.cfg.layout_channels not in (0, LAYOUT_CHANNELS):
             raise ValueError(f"the transformer takes {transformer.cfg.layout_channels} layout channels; this version draws {LAYOUT_CHANNELS}")
         if transformer.cfg.silhouette_channels not in (0, silhouette_channels(autoencoder.cfg.temporal_factor)):
@@ -141,6 +147,16 @@ class TextToVideo:
         self.device = torch.device(device)
         self.transformer = transformer.to(self.device).eval()
         self.denoiser = self.transformer  # what sampling calls: the transformer, or its compiled form
+        if low_noise_transformer is not None:
+            if low_noise_transformer.cfg != transformer.cfg:
+                raise ValueError("the low-noise transformer must have the transformer's architecture and inputs (config.json), "
+                                 f"not {low_noise_transformer.cfg} beside {transformer.cfg}")
+            if isinstance(boundary, bool) or not isinstance(boundary, numbers.Real) or not 0 < boundary < 1:  # NaN fails too
+                raise ValueError(f"the boundary between the two transformers must be a share of the path above 0 and below 1, not {boundary!r}")
+            low_noise_transformer = low_noise_transformer.to(self.device).eval()
+        self.low_noise_transformer = low_noise_transformer
+        self.low_noise_denoiser = low_noise_transformer  # likewise, compiled or not
+        self.boundary = float(boundary)
         self.compile_failure: str | None = None  # why compiling failed, if it was asked for and did
         self._compile_errors: tuple[type[Exception], ...] = ()  # what a failed compile raises; torch._dynamo loads slowly
         self.autoencoder = autoencoder.to(self.device).eval()
@@ -176,8 +192,13 @@ class TextToVideo:
         if unknown:
             raise ValueError(f"{directory / 'pipeline.json'}: unknown sampling setting(s) {', '.join(sorted(unknown))}")
         planner, plan_scorer = load_planning(directory / settings["planner"]) if "planner" in settings else (None, None)
+        low_noise = settings.get("low_noise", {})
+        if not isinstance(low_noise, dict) or not isinstance(low_noise.get("transformer", ""), str) or set(low_noise) - {"transformer", "boundary"}:
+            raise ValueError(f'{directory / "pipeline.json"}: "low_noise" must be an object of "transformer" (a folder) and "boundary"')
+        low_noise_transformer = DiffusionTransformer.from_pretrained(directory / low_noise["transformer"]) if low_noise else None
         return cls(transformer, autoencoder, TextEncoder.load(device), schedule, float(fps), device,
-                   None if sampling is None else SamplingSettings(**sampling), planner, plan_scorer)
+                   None if sampling is None else SamplingSettings(**sampling), planner, plan_scorer,
+                   low_noise_transformer, low_noise.get("boundary", 0.5))
 
     def compile(self) -> "TextToVideo":
         """Run the transformer through torch.compile from now on: faster at every step once warm.
@@ -191,6 +212,8 @@ class TextToVideo:
         from torch._dynamo.exc import BackendCompilerFailed
 
         self.denoiser = torch.compile(self.transformer, dynamic=False)
+        if self.low_noise_transformer is not None:
+            self.low_noise_denoiser = torch.compile(self.low_noise_transformer, dynamic=False)
         self.compile_failure, self._compile_errors = None, (BackendCompilerFailed,)
         return self
 
@@ -324,7 +347,7 @@ class TextToVideo:
         except self._compile_errors as error:
             self.compile_failure = (str(error.inner_exception).strip().splitlines() or [type(error.inner_exception).__name__])[0]
             warnings.warn(f"torch.compile failed ({self.compile_failure}); generating without it")
-            self.denoiser, self._compile_errors = self.transformer, ()
+            self.denoiser, self.low_noise_denoiser, self._compile_errors = self.transformer, self.low_noise_transformer, ()
             latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step, given, strength, layout,
                                    guidance_interval)
         timings["denoise"] = self._clock() - start
@@ -348,11 +371,18 @@ class TextToVideo:
             return self.schedule.noise(shape, generator)
 
         noise = draw_noise((1, *latent_shape)).to(self.device)
-        velocity = self.guided_velocity(text, mask, guidance, layout=layout, interval=guidance_interval)
+        low_noise = None if self.low_noise_transformer is None else (self.low_noise_denoiser, self.boundary_time(latent_shape))
+        velocity = self.guided_velocity(text, mask, guidance, layout=layout, interval=guidance_interval, low_noise=low_noise)
         times = self.schedule.sampling_times(steps, self.transformer.token_count(latent_shape), self.device, strength)
         start = noise if given is None or strength == 1 else add_noise(given, noise, times[:1])  # the shift may leave 1 a rounding short of 1
         with autocast_for(self.device):  # one context for every step, so the weights are cast to the compute dtype once
             return SAMPLERS[sampler](velocity, start, times, on_step, draw_noise=draw_noise)
+
+    def boundary_time(self, latent_shape) -> float:
+        """The time t at and below which the low-noise transformer denoises latents of this shape:
+        `boundary` of the sampler's path, shifted as its steps are for this many tokens."""
+        shift = self.schedule.shift(self.transformer.token_count(latent_shape))
+        return float(shift_time(torch.tensor(self.boundary), shift))
 
     def _clock(self) -> float:
         """Wall time once queued GPU work is done, so stage timings are honest on CUDA too."""
@@ -360,7 +390,8 @@ class TextToVideo:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def guided_velocity(self, text, mask, guidance: float, model=None, layout=None, interval=SamplingSettings.guidance_interval):
+    def guided_velocity(self, text, mask, guidance: float, model=None, layout=None, interval=SamplingSettings.guidance_interval,
+                        low_noise: tuple | None = None):
         """Classifier-free guidance: v = v_uncond + g (v_cond - v_uncond), both in one batch; a
         guidance-distilled transformer gives that in one pass, from the prompt and g alone. A layout
         model's conditional pass is shown the `layout`, its unconditional one none. At times outside
@@ -369,6 +400,7 @@ class TextToVideo:
         A self-conditioned transformer also gets the clean latents implied by the previous call's
         guided velocity (none at the first), the estimate it was trained to refine. `model` replaces
         the denoiser (the transformer or its compiled form) for one caller, e.g. to count FLOPs eagerly.
+        `low_noise` (model, t): that model gives the passes at times up to t instead.
         """
         model = model or self.denoiser
         distilled = torch.tensor([guidance], device=self.device) if self.transformer.cfg.distilled_guidance else None
@@ -390,8 +422,9 @@ class TextToVideo:
             guided = copies == 2 and (whole_path or interval[0] < min(float(t[0]), 1.0) <= interval[1])  # the shift may leave t = 1 a rounding above 1
             rows, (row_text, row_mask, row_layout) = (2, (both_text, both_mask, both_layout)) if guided else (1, (text, mask, layout))
             previous = estimate.expand(rows, -1, -1, -1, -1) if estimate is not None else None
+            denoiser = low_noise[0] if low_noise is not None and float(t[0]) <= low_noise[1] + 1e-6 else model  # a rounding from the boundary counts as on it
             with autocast_for(self.device):
-                v = model(x.expand(rows, -1, -1, -1, -1), t.expand(rows), row_text, row_mask, previous, distilled, layout=row_layout).float()
+                v = denoiser(x.expand(rows, -1, -1, -1, -1), t.expand(rows), row_text, row_mask, previous, distilled, layout=row_layout).float()
             if guided:
                 conditional, unconditional = v.chunk(2)
                 v = unconditional + guidance * (conditional - unconditional)

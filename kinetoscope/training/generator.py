@@ -503,3 +503,35 @@ def export(ema, recipe: dict, run: RunDirectory, step: int, elapsed: float, devi
     final = replace_folder(run.root / "final", write)
     print(f"exported weights to {final} after {step} steps, {elapsed / 60:.1f} min")
     return final
+
+
+def join_experts(noisy: Path, clean: Path, boundary: float, output: Path) -> Path:
+    """One generator folder from two exports trained on either side of `boundary` of the path
+    (`[train] times`): `noisy` whole, its autoencoder, planner and settings included, with `clean`'s
+    transformer as its low-noise one (pipeline.json "low_noise"). Both must be one architecture
+    trained in one latent space; nothing is written unless they are."""
+    if isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or not 0 < boundary < 1:  # NaN fails too
+        raise ValueError(f"the boundary must be a share of the path above 0 and below 1, not {boundary!r}")
+    settings = {}
+    for folder in (noisy, clean):
+        if not (folder / "pipeline.json").is_file():
+            raise ValueError(f"{folder} is not a generator folder (no pipeline.json)")
+        settings[folder] = json.loads((folder / "pipeline.json").read_text())
+    if "low_noise" in settings[noisy] or "low_noise" in settings[clean]:
+        raise ValueError("join two single transformers: one of these folders already has a low-noise transformer")
+    noisy_cfg, clean_cfg = (DiffusionTransformer.from_pretrained(folder).cfg for folder in (noisy, clean))
+    if noisy_cfg != clean_cfg:
+        raise ValueError(f"the two transformers differ in architecture or inputs: {noisy_cfg} against {clean_cfg}")
+    noisy_ae, clean_ae = (VideoAutoencoder.from_pretrained(folder / settings[folder]["autoencoder"]).state_dict() for folder in (noisy, clean))
+    if noisy_ae.keys() != clean_ae.keys() or not all(torch.equal(noisy_ae[k], clean_ae[k]) for k in noisy_ae):
+        raise ValueError("the two transformers were trained on different autoencoders' latents")
+
+    def write(folder: Path):
+        shutil.copytree(noisy, folder)
+        (folder / "low_noise").mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy2(clean / name, folder / "low_noise" / name)
+        joined = {**settings[noisy], "low_noise": {"transformer": "low_noise", "boundary": float(boundary)}}
+        (folder / "pipeline.json").write_text(json.dumps(joined, indent=2) + "\n")
+
+    return replace_folder(output, write)
