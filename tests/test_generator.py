@@ -1094,6 +1094,10 @@ def test_join_experts_makes_one_folder_that_loads_both_and_refuses_what_cannot_b
     assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--steps", "2", "--weights", str(joined)]) == 0
     assert (tmp_path / "x.png").is_file()
     capsys.readouterr()
+    deeper_down = tmp_path / "models" / "joined"  # elsewhere, the noisy folder's "../autoencoder" is named in full
+    assert main(["join-experts", str(tmp_path / "noisy"), str(tmp_path / "clean"), "--boundary", "0.4", "-o", str(deeper_down)]) == 0
+    assert TextToVideo.load(deeper_down).autoencoder.cfg == TINY_AE
+    capsys.readouterr()
 
     shutil.copytree(weights_dir, tmp_path / "deeper")
     DiffusionTransformer(config_for("tiny", latent_channels=8, depth=3)).save_pretrained(tmp_path / "deeper")

@@ -522,7 +522,8 @@ def join_experts(noisy: Path, clean: Path, boundary: float, output: Path) -> Pat
     noisy_cfg, clean_cfg = (DiffusionTransformer.from_pretrained(folder).cfg for folder in (noisy, clean))
     if noisy_cfg != clean_cfg:
         raise ValueError(f"the two transformers differ in architecture or inputs: {noisy_cfg} against {clean_cfg}")
-    noisy_ae, clean_ae = (VideoAutoencoder.from_pretrained(folder / settings[folder]["autoencoder"]).state_dict() for folder in (noisy, clean))
+    noisy_ae, clean_ae = (VideoAutoencoder.from_pretrained(folder / settings[folder]["autoencoder"] if "autoencoder" in settings[folder] else None)
+                          .state_dict() for folder in (noisy, clean))  # none named: the default one
     if noisy_ae.keys() != clean_ae.keys() or not all(torch.equal(noisy_ae[k], clean_ae[k]) for k in noisy_ae):
         raise ValueError("the two transformers were trained on different autoencoders' latents")
 
@@ -532,6 +533,9 @@ def join_experts(noisy: Path, clean: Path, boundary: float, output: Path) -> Pat
         for name in ("config.json", "model.safetensors"):
             shutil.copy2(clean / name, folder / "low_noise" / name)
         joined = {**settings[noisy], "low_noise": {"transformer": "low_noise", "boundary": float(boundary)}}
+        for part in ("autoencoder", "planner"):  # a folder beside `noisy` (the shipped "../autoencoder") is named in full
+            if part in joined and (noisy / joined[part]).resolve() != (output / joined[part]).resolve():
+                joined[part] = str((noisy / joined[part]).resolve())
         (folder / "pipeline.json").write_text(json.dumps(joined, indent=2) + "\n")
 
     return replace_folder(output, write)
