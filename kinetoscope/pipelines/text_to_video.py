@@ -111,6 +111,13 @@ def checked_sampling(steps, guidance, sampler: str, guidance_range: tuple[float,
     return SamplingSettings(steps, float(guidance), sampler, (first, last))
 
 
+def checked_boundary(boundary) -> float:
+    """Where a low-noise transformer takes over, once it is a share of the path strictly inside it."""
+    if isinstance(boundary, bool) or not isinstance(boundary, numbers.Real) or not 0 < boundary < 1:  # NaN fails too
+        raise ValueError(f"the boundary between the two transformers must be a share of the path above 0 and below 1, not {boundary!r}")
+    return float(boundary)
+
+
 @dataclass
 class GeneratedVideo:
     frames: np.ndarray  # uint8 (T, H, W, 3)
@@ -151,8 +158,7 @@ class TextToVideo:
             if low_noise_transformer.cfg != transformer.cfg:
                 raise ValueError("the low-noise transformer must have the transformer's architecture and inputs (config.json), "
                                  f"not {low_noise_transformer.cfg} beside {transformer.cfg}")
-            if isinstance(boundary, bool) or not isinstance(boundary, numbers.Real) or not 0 < boundary < 1:  # NaN fails too
-                raise ValueError(f"the boundary between the two transformers must be a share of the path above 0 and below 1, not {boundary!r}")
+            boundary = checked_boundary(boundary)
             low_noise_transformer = low_noise_transformer.to(self.device).eval()
         self.low_noise_transformer = low_noise_transformer
         self.low_noise_denoiser = low_noise_transformer  # likewise, compiled or not

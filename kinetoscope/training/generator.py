@@ -510,8 +510,9 @@ def join_experts(noisy: Path, clean: Path, boundary: float, output: Path) -> Pat
     (`[train] times`): `noisy` whole, its autoencoder, planner and settings included, with `clean`'s
     transformer as its low-noise one (pipeline.json "low_noise"). Both must be one architecture
     trained in one latent space; nothing is written unless they are."""
-    if isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or not 0 < boundary < 1:  # NaN fails too
-        raise ValueError(f"the boundary must be a share of the path above 0 and below 1, not {boundary!r}")
+    from kinetoscope.pipelines.text_to_video import checked_boundary
+
+    boundary = checked_boundary(boundary)
     settings = {}
     for folder in (noisy, clean):
         if not (folder / "pipeline.json").is_file():
@@ -532,7 +533,7 @@ def join_experts(noisy: Path, clean: Path, boundary: float, output: Path) -> Pat
         (folder / "low_noise").mkdir()
         for name in ("config.json", "model.safetensors"):
             shutil.copy2(clean / name, folder / "low_noise" / name)
-        joined = {**settings[noisy], "low_noise": {"transformer": "low_noise", "boundary": float(boundary)}}
+        joined = {**settings[noisy], "low_noise": {"transformer": "low_noise", "boundary": boundary}}
         for part in ("autoencoder", "planner"):  # a folder beside `noisy` (the shipped "../autoencoder") is named in full
             if part in joined and (noisy / joined[part]).resolve() != (output / joined[part]).resolve():
                 joined[part] = str((noisy / joined[part]).resolve())
