@@ -551,6 +551,52 @@ def test_a_silhouette_model_trains_samples_and_is_refused_a_count_its_autoencode
         TextToVideo(odd, pipe.autoencoder, pipe.text_encoder, planner=pipe.planner)
 
 
+def test_object_weight_weighs_the_loss_at_the_tokens_an_object_covers(tmp_path):
+    from kinetoscope.diffusion.rectified_flow import FlowSchedule
+    from kinetoscope.training.generator import diffusion_loss, object_token_weights
+
+    square = world.ShapeObject("blue", "square", "large", "right", "fast", (0.3, 0.5))
+    shown = layout_inputs([(square,)], (64, 64), 17, 8.0, (5, 4, 4), 4)
+    weights = object_token_weights(shown, 3.0)
+    cover = shown[..., 11:].amax(-1)
+    assert torch.equal(weights, 1 + 3 * cover) and weights.min() == 1 and weights.max() == 4  # fully covered cells: 1 + W
+    assert 0 < (weights > 1).float().mean() < 0.5  # the background keeps weight 1
+    assert ((weights.view(5, 4, 4) > 1).sum(dim=(1, 2)) > 0).all()  # the object in every latent step
+
+    torch.manual_seed(0)
+    model = DiffusionTransformer(config_for("tiny", depth=1, latent_channels=4))
+    for parameter in model.parameters():  # past adaLN-Zero's silent start, so tokens' errors differ
+        torch.nn.init.normal_(parameter, std=0.1)
+    latents, text, mask = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 3, 384), torch.ones(2, 3, dtype=torch.bool)
+    tokens = model.token_count(latents.shape)
+
+    def loss(weights=None):
+        return diffusion_loss(model, latents, text, mask, FlowSchedule(), 0.0, torch.Generator().manual_seed(1), token_weights=weights)[0]
+
+    plain = loss()
+    assert torch.allclose(loss(torch.full((2, tokens), 5.0)), plain, rtol=1e-5)  # even weights: the plain mean
+    each = torch.stack([loss(torch.eye(tokens)[k].expand(2, -1)) for k in range(tokens)])  # (tokens, 2): one token's error alone
+    assert torch.allclose(each.mean(0), plain, rtol=1e-5) and each.std(0).min() > 0
+    weights = torch.rand(2, tokens) + 0.5
+    assert torch.allclose(loss(weights), (each.T * weights).sum(1) / weights.sum(1), rtol=1e-5)
+
+    torch.manual_seed(0)
+    planner_dir = tmp_path / "planner"
+    LayoutPlanner(TINY_PLANNER).save_pretrained(planner_dir)
+    silhouettes = "depth = 1, layout_channels = 11, silhouette_channels = 512"
+    for setting, overrides, error in (("object_weight = 4", "depth = 1, layout_channels = 11", "finds the objects by their silhouettes"),
+                                      ("object_weight = 0", silhouettes, "object_weight must be a positive weight, not 0"),
+                                      ("object_weight = true", silhouettes, "not True")):
+        recipe = layout_recipe(tmp_path, planner_dir, overrides)
+        recipe.write_text(recipe.read_text().replace("[train]\n", f"[train]\n{setting}\n"))
+        with pytest.raises(RecipeError, match=error):
+            train_generator_run(recipe, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    recipe = layout_recipe(tmp_path, planner_dir, silhouettes)
+    recipe.write_text(recipe.read_text().replace("[train]\n", "[train]\nobject_weight = 4\n"))
+    assert TextToVideo.load(train_generator_run(recipe, tmp_path / "run")).transformer.cfg.silhouette_channels == 512
+
+
 def layout_recipe(tmp_path, planner_dir, overrides="depth = 1, layout_channels = 11") -> Path:
     recipe = tmp_path / "layout.toml"
     recipe.write_text(TINY_RECIPE.replace("overrides = { depth = 1 }", f"overrides = {{ {overrides} }}\nplanner = \"{planner_dir}\""))

@@ -16,6 +16,9 @@ without the prompt), so it samples in one pass per step. Caption dropout plays n
 a probe on the tokens after block K learns to tell where each object's centre is, weighted W
 against the velocity loss.
 
+`[train] object_weight = W` weighs a silhouette painter's loss at the tokens its objects cover,
+up to 1 + W (`object_token_weights`), against 1 at the background.
+
 A layout model (`[model] overrides = { layout_channels = 11 }`) takes the heatmaps of each clip's
 true object centres (data/layout.py) as an input, dropped with the caption; `[model] planner` names
 the layout planner (training/planner.py) that writes them at sampling, for the samples here and in
@@ -65,7 +68,7 @@ KNOWN = {
     "model": ("size", "init", "overrides", "planner"),
     "schedule": tuple(f.name for f in fields(FlowSchedule)),
     "data": (*DATA_KEYS, "autoencoder", "bucket_weights", "motion_weights", "max_batch_size"),
-    "train": (*REQUIRED["train"], "minutes", "reuse", "times", "layout_loss", "layout_block"),
+    "train": (*REQUIRED["train"], "minutes", "reuse", "times", "layout_loss", "layout_block", "object_weight"),
     "eval": REQUIRED["eval"],
     "distill": ("teacher", "guidance"),
 }
@@ -113,10 +116,12 @@ class LatentBatches:
 
 
 def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_dropout: float, generator=None,
-                   window: tuple[float, float] | None = None, layout: torch.Tensor | None = None):
+                   window: tuple[float, float] | None = None, layout: torch.Tensor | None = None,
+                   token_weights: torch.Tensor | None = None):
     """Velocity MSE per sample (B,), and the times it was drawn at: logit-normal, or uniform over
     `window` of the sampler's path (a model trained for one stretch of sampling, e.g. high noise).
-    A layout model's `layout` (B, N, channels) goes where the caption goes: dropped with it."""
+    A layout model's `layout` (B, N, channels) goes where the caption goes: dropped with it.
+    `token_weights` (B, N) weigh each token's squared error (a weighted mean per sample)."""
     b = latents.shape[0]
     tokens = unwrap(model).token_count(latents.shape)
     if window is None:
@@ -131,8 +136,33 @@ def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_d
     noisy = add_noise(latents, noise, t)
     with autocast_for(latents.device):
         prediction = model(noisy, t, text, mask, own_estimate(model, noisy, t, text, mask, generator, layout), layout=layout)
-    per_sample = F.mse_loss(prediction.float(), velocity_target(latents, noise), reduction="none").flatten(1).mean(1)
-    return per_sample, t
+    error = F.mse_loss(prediction.float(), velocity_target(latents, noise), reduction="none")
+    if token_weights is None:
+        return error.flatten(1).mean(1), t
+    per_token = unwrap(model).patchify(error)[0].mean(-1)  # (B, N)
+    return (per_token * token_weights).sum(1) / token_weights.sum(1), t
+
+
+def object_token_weights(layout: torch.Tensor, weight: float) -> torch.Tensor:
+    """(B, N) loss weights from a layout model's input (B, N, channels): up to 1 + `weight` at each
+    token an object's silhouette covers in any frame of its latent step, by the share of its most
+    covered cell. Most of a Shapes World clip is plain background the painter gets right early;
+    the objects are where its failures are."""
+    return 1 + weight * layout[..., LAYOUT_CHANNELS:].amax(-1)
+
+
+def object_weight_setting(settings: dict, model_cfg) -> float | None:
+    """[train] object_weight = W (> 0): a painter that takes silhouettes weighs the loss at its
+    objects' tokens 1 + W; absent, every token alike."""
+    if "object_weight" not in settings:
+        return None
+    weight = settings["object_weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+        raise RecipeError(f"[train] object_weight must be a positive weight, not {weight!r}")
+    if not model_cfg.silhouette_channels:
+        raise RecipeError("[train] object_weight finds the objects by their silhouettes: the model takes none "
+                          "([model] overrides silhouette_channels)")
+    return float(weight)
 
 
 def time_window(settings: dict) -> tuple[float, float] | None:
@@ -330,8 +360,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     except (TypeError, ValueError) as error:
         raise RecipeError(f"[model]: {error}") from None
     layout = layout_setting(settings, model.cfg.depth)
-    if teacher is not None and layout is not None:
-        raise RecipeError("[train] layout_loss trains a model from data, not a guidance-distilled student")
+    object_weight = object_weight_setting(settings, model.cfg)
+    if teacher is not None and (layout is not None or object_weight is not None):
+        raise RecipeError("[train] layout_loss and object_weight train a model from data, not a guidance-distilled student")
     if teacher is not None and (teacher.cfg.layout_channels, teacher.cfg.silhouette_channels) != (
             model.cfg.layout_channels, model.cfg.silhouette_channels):
         raise RecipeError(f"[distill] the teacher takes {teacher.cfg.layout_channels} heatmap and {teacher.cfg.silhouette_channels} "
@@ -411,8 +442,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
             per_sample, t = distillation_loss(model, teacher, latents, text, mask, schedule, guidance_range, window=window,
                                               layout=shown)
         else:
+            weights = None if object_weight is None else object_token_weights(shown, object_weight)
             per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"], window=window,
-                                           layout=shown)
+                                           layout=shown, token_weights=weights)
         loss = per_sample.mean()
         probe_loss = layout_loss(probe, hidden, targets).mean() if probe is not None else None
         optimizer.zero_grad(set_to_none=True)
