@@ -156,12 +156,18 @@ def object_weight_setting(settings: dict, model_cfg) -> float | None:
     objects' tokens 1 + W; absent, every token alike."""
     if "object_weight" not in settings:
         return None
-    weight = settings["object_weight"]
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
-        raise RecipeError(f"[train] object_weight must be a positive weight, not {weight!r}")
+    weight = positive_weight(settings, "object_weight")
     if not model_cfg.silhouette_channels:
         raise RecipeError("[train] object_weight finds the objects by their silhouettes: the model takes none "
                           "([model] overrides silhouette_channels)")
+    return weight
+
+
+def positive_weight(settings: dict, key: str) -> float:
+    """[train] `key` as a loss weight: a finite number above 0."""
+    weight = settings.get(key)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+        raise RecipeError(f"[train] {key} must be a positive weight, not {weight!r}")
     return float(weight)
 
 
@@ -182,12 +188,10 @@ def layout_setting(settings: dict, depth: int) -> tuple[float, int] | None:
     reads, 1..depth); absent, no layout supervision."""
     if "layout_loss" not in settings and "layout_block" not in settings:
         return None
-    weight, block = settings.get("layout_loss"), settings.get("layout_block")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
-        raise RecipeError(f"[train] layout_loss must be a positive weight, not {weight!r}")
+    weight, block = positive_weight(settings, "layout_loss"), settings.get("layout_block")
     if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= depth:
         raise RecipeError(f"[train] layout_block must be a block of the model, 1 to {depth}, not {block!r}")
-    return float(weight), block
+    return weight, block
 
 
 def distillation_loss(model, teacher, latents, text, mask, schedule: FlowSchedule, guidance_range, generator=None,
