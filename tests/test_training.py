@@ -405,11 +405,75 @@ def test_a_time_window_trains_on_that_stretch_of_the_samplers_path_only():
     latents, text, mask = torch.randn(64, 8, 2, 4, 4), torch.randn(64, 3, model.cfg.text_dim), torch.ones(64, 3, dtype=torch.bool)
     schedule = FlowSchedule(reference_tokens=4)  # 8 tokens a clip: shift sqrt(2), so the window's ends move
     shift = schedule.shift(model.token_count(latents.shape))
-    _, t = diffusion_loss(model, latents, text, mask, schedule, caption_dropout=0.0, window=(0.6, 1.0))
+    _, t, _ = diffusion_loss(model, latents, text, mask, schedule, caption_dropout=0.0, window=(0.6, 1.0))
     assert shift_time(torch.tensor(0.6), shift) <= t.min() and t.max() <= 1.0
     assert t.min() < shift_time(torch.tensor(0.7), shift) and t.max() > shift_time(torch.tensor(0.9), shift)  # the whole window
-    _, everywhere = diffusion_loss(model, latents, text, mask, schedule, caption_dropout=0.0)
+    _, everywhere, _ = diffusion_loss(model, latents, text, mask, schedule, caption_dropout=0.0)
     assert everywhere.min() < shift_time(torch.tensor(0.6), shift)  # without one, the whole path
+
+
+def test_the_pixel_loss_measures_the_velocity_error_in_the_decoded_frames(tmp_path):
+    from kinetoscope.diffusion.rectified_flow import FlowSchedule, add_noise, velocity_target
+    from kinetoscope.models.autoencoder import VideoAutoencoder
+    from kinetoscope.models.dit import DiffusionTransformer, config_for
+    from kinetoscope.training.generator import diffusion_loss, pixel_velocity_loss
+
+    autoencoder = VideoAutoencoder.from_pretrained().requires_grad_(False)
+    torch.manual_seed(0)
+    latents, noise = torch.randn(4, 32, 2, 4, 4), torch.randn(4, 32, 2, 4, 4)
+    t = torch.tensor([0.9, 0.2, 0.6, 0.4])
+    noisy, truth = add_noise(latents, noise, t), velocity_target(latents, noise)
+    error = 0.05 * torch.randn(4, 32, 2, 4, 4)
+
+    def loss(prediction, times=t, clips=2):
+        return pixel_velocity_loss(autoencoder, add_noise(latents, noise, times), prediction, latents, times, clips)
+
+    wrong = loss(truth + error)
+    assert loss(truth) < 1e-3 * wrong  # the true velocity decodes to the true frames
+    # Only the clips nearest the clean end (t 0.2 and 0.4) are decoded: errors elsewhere cost nothing.
+    far = error.clone()
+    far[[1, 3]] = 0
+    assert loss(truth + far) == loss(truth)
+    near = error.clone()
+    near[[0, 2]] = 0
+    assert torch.allclose(loss(truth + near), wrong)
+    # Divided by t, it is a velocity error: the same one costs about the same at another time,
+    # though the clean latents it points to are off by t times as much.
+    once = torch.zeros(4, 32, 2, 4, 4)
+    once[1] = error[1]
+    at_low, at_high = (loss(truth + once, torch.tensor([0.9, time, 0.9, 0.9]), clips=1) for time in (0.2, 0.4))
+    assert at_low > 0 and at_high / at_low == pytest.approx(1.0, abs=0.05)
+    # Its gradient reaches the prediction, not the frozen decoder.
+    prediction = (truth + error).requires_grad_(True)
+    loss(prediction).backward()
+    assert prediction.grad[[1, 3]].abs().sum() > 0 and prediction.grad[[0, 2]].abs().sum() == 0
+    assert all(parameter.grad is None for parameter in autoencoder.parameters())
+
+    model = DiffusionTransformer(config_for("tiny", latent_channels=32, depth=1))
+    text, mask = torch.randn(4, 3, model.cfg.text_dim), torch.ones(4, 3, dtype=torch.bool)
+    assert diffusion_loss(model, latents, text, mask, FlowSchedule(), 0.0)[2] is None
+    assert diffusion_loss(model, latents, text, mask, FlowSchedule(), 0.0, pixels=(autoencoder, 2))[2] > 0
+
+    recipe = tmp_path / "pixels.toml"
+    for setting, error_message in (("pixel_loss = 0", "pixel_loss must be a positive weight, not 0"),
+                                   ("pixel_clips = 2", "pixel_loss must be a positive weight, not None"),
+                                   ("pixel_loss = 1.0\npixel_clips = 0", "pixel_clips must be a whole number of clips, at least 1, not 0"),
+                                   ("pixel_loss = 1.0\npixel_clips = 1.5", "not 1.5")):
+        recipe.write_text(TINY_RECIPE.replace("[train]\n", f"[train]\n{setting}\n"))
+        with pytest.raises(RecipeError, match=error_message):
+            train(str(recipe), output=str(tmp_path / "refused"))
+    torch.manual_seed(0)
+    DiffusionTransformer(config_for("tiny", latent_channels=32, depth=1)).save_pretrained(tmp_path / "teacher")
+    recipe.write_text(TINY_RECIPE.replace("[train]\n", "[train]\npixel_loss = 1.0\n")
+                      + f'[distill]\nteacher = "{tmp_path / "teacher"}"\nguidance = [1.0, 3.0]\n')
+    with pytest.raises(RecipeError, match="not a guidance-distilled student"):
+        train(str(recipe), output=str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    recipe.write_text(TINY_RECIPE.replace("[train]\n", "[train]\npixel_loss = 1.0\npixel_clips = 1\n"))
+    final = train(str(recipe), output=str(tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "pixel_loss" in r] == [1, 2] and all(r["pixel_loss"] > 0 for r in records if "loss" in r)
+    assert TextToVideo.load(final, device="cpu")("a red square spins", width=32, height=32, frames=5, steps=2).frames.shape == (5, 32, 32, 3)
 
 
 def test_layout_maps_put_each_object_centre_on_its_token_by_shape_and_colour():

@@ -19,6 +19,10 @@ against the velocity loss.
 `[train] object_weight = W` weighs a silhouette painter's loss at the tokens its objects cover,
 up to 1 + W (`object_token_weights`), against 1 at the background.
 
+`[train] pixel_loss = W` (with `pixel_clips = K`, 2 unless set) adds the velocity error as the
+frozen decoder draws it (`pixel_velocity_loss`), on the K clips of each batch drawn nearest the
+clean end, weighted W against the latent loss.
+
 A layout model (`[model] overrides = { layout_channels = 11 }`) takes the heatmaps of each clip's
 true object centres (data/layout.py) as an input, dropped with the caption; `[model] planner` names
 the layout planner (training/planner.py) that writes them at sampling, for the samples here and in
@@ -68,7 +72,8 @@ KNOWN = {
     "model": ("size", "init", "overrides", "planner"),
     "schedule": tuple(f.name for f in fields(FlowSchedule)),
     "data": (*DATA_KEYS, "autoencoder", "bucket_weights", "motion_weights", "max_batch_size"),
-    "train": (*REQUIRED["train"], "minutes", "reuse", "times", "layout_loss", "layout_block", "object_weight"),
+    "train": (*REQUIRED["train"], "minutes", "reuse", "times", "layout_loss", "layout_block", "object_weight",
+              "pixel_loss", "pixel_clips"),
     "eval": REQUIRED["eval"],
     "distill": ("teacher", "guidance"),
 }
@@ -117,9 +122,10 @@ class LatentBatches:
 
 def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_dropout: float, generator=None,
                    window: tuple[float, float] | None = None, layout: torch.Tensor | None = None,
-                   token_weights: torch.Tensor | None = None):
-    """Velocity MSE per sample (B,), and the times it was drawn at: logit-normal, or uniform over
-    `window` of the sampler's path (a model trained for one stretch of sampling, e.g. high noise).
+                   token_weights: torch.Tensor | None = None, pixels: tuple[VideoAutoencoder, int] | None = None):
+    """Velocity MSE per sample (B,), the times it was drawn at: logit-normal, or uniform over
+    `window` of the sampler's path (a model trained for one stretch of sampling, e.g. high noise),
+    and, given `pixels` (the frozen autoencoder, how many clips), `pixel_velocity_loss` (else None).
     A layout model's `layout` (B, N, channels) goes where the caption goes: dropped with it.
     `token_weights` (B, N) weigh each token's squared error (a weighted mean per sample)."""
     b = latents.shape[0]
@@ -137,10 +143,25 @@ def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_d
     with autocast_for(latents.device):
         prediction = model(noisy, t, text, mask, own_estimate(model, noisy, t, text, mask, generator, layout), layout=layout)
     error = F.mse_loss(prediction.float(), velocity_target(latents, noise), reduction="none")
+    pixel = None if pixels is None else pixel_velocity_loss(pixels[0], noisy, prediction.float(), latents, t, pixels[1])
     if token_weights is None:
-        return error.flatten(1).mean(1), t
+        return error.flatten(1).mean(1), t, pixel
     per_token = unwrap(model).patchify(error)[0].mean(-1)  # (B, N)
-    return (per_token * token_weights).sum(1) / token_weights.sum(1), t
+    return (per_token * token_weights).sum(1) / token_weights.sum(1), t, pixel
+
+
+def pixel_velocity_loss(autoencoder: VideoAutoencoder, noisy, prediction, latents, t, clips: int) -> torch.Tensor:
+    """The velocity error as the frames show it: (decode(predicted clean) - decode(clean)) / t,
+    squared, the mean over the pixels of the `clips` clips of the batch drawn nearest the clean end
+    (where the predicted clean latents are sharp enough to decode). The latent loss weighs every
+    latent channel alike, though the decoder draws some far more strongly than others: an object
+    smeared across the four frames of a latent step costs the frames more than it costs the latents."""
+    chosen = t.argsort()[:clips]
+    with autocast_for(latents.device):
+        with torch.no_grad():
+            target = autoencoder.decode(latents[chosen]).float()
+        drawn = autoencoder.decode(predicted_clean(noisy[chosen], prediction[chosen], t[chosen])).float()
+    return ((drawn - target) / t[chosen].view(-1, 1, 1, 1, 1)).pow(2).mean()
 
 
 def object_token_weights(layout: torch.Tensor, weight: float) -> torch.Tensor:
@@ -161,6 +182,17 @@ def object_weight_setting(settings: dict, model_cfg) -> float | None:
         raise RecipeError("[train] object_weight finds the objects by their silhouettes: the model takes none "
                           "([model] overrides silhouette_channels)")
     return weight
+
+
+def pixel_loss_setting(settings: dict) -> tuple[float, int] | None:
+    """[train] pixel_loss (its weight, > 0) and pixel_clips (how many clips of a batch it decodes,
+    at least 1; 2 unless set); absent, the latent loss alone."""
+    if "pixel_loss" not in settings and "pixel_clips" not in settings:
+        return None
+    weight, clips = positive_weight(settings, "pixel_loss"), settings.get("pixel_clips", 2)
+    if isinstance(clips, bool) or not isinstance(clips, int) or clips < 1:
+        raise RecipeError(f"[train] pixel_clips must be a whole number of clips, at least 1, not {clips!r}")
+    return weight, clips
 
 
 def positive_weight(settings: dict, key: str) -> float:
@@ -365,8 +397,9 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         raise RecipeError(f"[model]: {error}") from None
     layout = layout_setting(settings, model.cfg.depth)
     object_weight = object_weight_setting(settings, model.cfg)
-    if teacher is not None and (layout is not None or object_weight is not None):
-        raise RecipeError("[train] layout_loss and object_weight train a model from data, not a guidance-distilled student")
+    pixel = pixel_loss_setting(settings)
+    if teacher is not None and (layout, object_weight, pixel) != (None, None, None):
+        raise RecipeError("[train] layout_loss, object_weight and pixel_loss train a model from data, not a guidance-distilled student")
     if teacher is not None and (teacher.cfg.layout_channels, teacher.cfg.silhouette_channels) != (
             model.cfg.layout_channels, model.cfg.silhouette_channels):
         raise RecipeError(f"[distill] the teacher takes {teacher.cfg.layout_channels} heatmap and {teacher.cfg.silhouette_channels} "
@@ -443,13 +476,15 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr
         if teacher is not None:
+            pixel_error = None
             per_sample, t = distillation_loss(model, teacher, latents, text, mask, schedule, guidance_range, window=window,
                                               layout=shown)
         else:
             weights = None if object_weight is None else object_token_weights(shown, object_weight)
-            per_sample, t = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"], window=window,
-                                           layout=shown, token_weights=weights)
-        loss = per_sample.mean()
+            per_sample, t, pixel_error = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"],
+                                                        window=window, layout=shown, token_weights=weights,
+                                                        pixels=None if pixel is None else (autoencoder, pixel[1]))
+        loss = per_sample.mean() if pixel_error is None else per_sample.mean() + pixel[0] * pixel_error
         probe_loss = layout_loss(probe, hidden, targets).mean() if probe is not None else None
         optimizer.zero_grad(set_to_none=True)
         (loss if probe_loss is None else loss + layout[0] * probe_loss).backward()
@@ -470,6 +505,8 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
                       "bucket": str(bucket), "elapsed_s": round(clock.elapsed, 1)}
             if probe_loss is not None:
                 record["layout_loss"] = probe_loss.item()
+            if pixel_error is not None:
+                record["pixel_loss"] = pixel_error.item()
             for band, values in enumerate(band_losses):
                 if values:
                     record[band_key(band)] = float(np.mean(values))
