@@ -158,7 +158,7 @@ def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(text_encoder, opti
     schedule = FlowSchedule()
 
     def loss_at_fixed_noise():
-        per_sample, _ = diffusion_loss(model, latents, text, mask, schedule, 0.1, torch.Generator().manual_seed(1))
+        per_sample, _, _ = diffusion_loss(model, latents, text, mask, schedule, 0.1, torch.Generator().manual_seed(1))
         return per_sample.mean()
 
     before = loss_at_fixed_noise().item()
