@@ -484,10 +484,15 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
             per_sample, t, pixel_error = diffusion_loss(model, latents, text, mask, schedule, settings["caption_dropout"],
                                                         window=window, layout=shown, token_weights=weights,
                                                         pixels=None if pixel is None else (autoencoder, pixel[1]))
-        loss = per_sample.mean() if pixel_error is None else per_sample.mean() + pixel[0] * pixel_error
+        loss = per_sample.mean()  # what the log and the bar call the loss: the latent one, comparable across recipes
         probe_loss = layout_loss(probe, hidden, targets).mean() if probe is not None else None
+        objective = loss
+        if probe_loss is not None:
+            objective = objective + layout[0] * probe_loss
+        if pixel_error is not None:
+            objective = objective + pixel[0] * pixel_error
         optimizer.zero_grad(set_to_none=True)
-        (loss if probe_loss is None else loss + layout[0] * probe_loss).backward()
+        objective.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, settings["grad_clip"])
         if torch.isfinite(grad_norm):  # one overflowing batch must not poison the weights, the EMA and the next checkpoint
             optimizer.step()
