@@ -141,9 +141,9 @@ def diffusion_loss(model, latents, text, mask, schedule: FlowSchedule, caption_d
         layout = layout.masked_fill(drop[:, None, None], 0.0)
     noisy = add_noise(latents, noise, t)
     with autocast_for(latents.device):
-        prediction = model(noisy, t, text, mask, own_estimate(model, noisy, t, text, mask, generator, layout), layout=layout)
-    error = F.mse_loss(prediction.float(), velocity_target(latents, noise), reduction="none")
-    pixel = None if pixels is None else pixel_velocity_loss(pixels[0], noisy, prediction.float(), latents, t, pixels[1])
+        prediction = model(noisy, t, text, mask, own_estimate(model, noisy, t, text, mask, generator, layout), layout=layout).float()
+    error = F.mse_loss(prediction, velocity_target(latents, noise), reduction="none")
+    pixel = None if pixels is None else pixel_velocity_loss(pixels[0], noisy, prediction, latents, t, pixels[1])
     if token_weights is None:
         return error.flatten(1).mean(1), t, pixel
     per_token = unwrap(model).patchify(error)[0].mean(-1)  # (B, N)
