@@ -1040,7 +1040,9 @@ def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkey
                                                               "guidance must be between 1 and 3"),
                             ({"sampling": {"guidance": "2"}}, "guidance must be between 1 and 3 for this model, got '2'"),
                             ({"sampling": {"steps": 0}}, "steps must be a whole number"),
-                            ({"sampling": {"guidance": 2.0, "guidance_interval": 0.5}}, "guidance_interval must be two times (low, high)")]:
+                            ({"sampling": {"guidance": 2.0, "guidance_interval": 0.5}}, "guidance_interval must be two times (low, high)"),
+                            ({"planning": {"small": 0.5}}, '"planning" must be an object of "small_cost"'),
+                            ({"planning": {"small_cost": 2}}, "small_cost must be a share of its draws from 0 to 1, not 2")]:
         (weights / "pipeline.json").write_text(json.dumps({"autoencoder": "../autoencoder", **broken}))
         assert main(["generate", "a red circle", "-o", str(tmp_path / "y.png"), "--weights", str(weights)]) == 2
         err = capsys.readouterr().err.strip()

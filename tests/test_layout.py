@@ -639,6 +639,12 @@ def test_a_layout_model_trains_on_true_layouts_and_samples_its_planners(tmp_path
     report = tmp_path / "true.json"
     assert main(["eval", "--weights", str(final), "--per-tier", "1", "--steps", "1", "--true-layout", "--report", str(report)]) == 0
     assert json.loads(report.read_text())["layout"] == "true"
+    shutil.rmtree(final / "planner" / "scorer")
+    settings = json.loads((final / "pipeline.json").read_text())
+    (final / "pipeline.json").write_text(json.dumps({**settings, "planning": {"small_cost": 0.5}}))
+    assert TextToVideo.load(final).small_cost == 0.5
+    assert main(["eval", "--weights", str(final), "--per-tier", "1", "--steps", "1", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["small_cost"] == 0.5
     assert main(["generate", "a red square spins", "-o", str(tmp_path / "out.mp4"), "--size", "32x32", "--steps", "1",
                  "--weights", str(final)]) == 0
     assert "\nlayout: " in capsys.readouterr().out  # where the planner put the objects, in words
@@ -758,6 +764,30 @@ def test_the_world_allows_only_plans_it_could_draw_and_planning_keeps_the_consen
     assert (0, 1, 0, 0) in planning.plan_traits(tuple(overlapping))  # level within RELATION_MARGIN
 
 
+def test_a_plan_may_pay_for_each_object_it_draws_small_which_moves_open_sizes_and_keeps_stated_ones(monkeypatch):
+    """`small_cost`: where the draws disagree on an object's size (its prompt leaves it open), a
+    larger reading wins once a small object costs more than the agreement it loses; a size nearly
+    every draw gives (one the prompt states) still wins, as it does with nothing to pay."""
+    from kinetoscope.pipelines import layout as planning
+
+    def circle(size):
+        return (world.ShapeObject("blue", "circle", size, "still", None, (0.5, 0.5)),)
+
+    drawn = []
+    monkeypatch.setattr(planning, "euler_sample", lambda velocity, noise, times: torch.from_numpy(
+        np.stack([scene_to_slots(objects) for objects in drawn])))
+    planner = LayoutPlanner(TINY_PLANNER)
+    text, mask = torch.randn(1, 4, 384), torch.ones(1, 4, dtype=torch.bool)
+    plan = lambda cost: planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=len(drawn), small_cost=cost)[0]
+    drawn = [circle("small")] * 3 + [circle("medium")] * 2 + [circle("large")]  # the size left open: the draws differ
+    assert plan(0.0)[0].size == "small"  # the consensus: three draws agree against two
+    assert plan(0.1)[0].size == "small"  # 0.6 of a draw's agreement is less than the one it loses
+    assert plan(0.25)[0].size == "medium"  # 1.5 is more; of the larger readings the likelier
+    drawn = [circle("small")] * 5 + [circle("medium")]  # a size stated: the draws nearly agree
+    assert plan(0.5)[0].size == "small"  # 3 draws' worth is less than the 4 it would lose
+    assert planning.SMALLEST == "small"
+
+
 def test_a_plan_states_all_a_prompt_says_and_is_free_where_it_says_nothing():
     stated = captions.parse_prompt("a red ball bounces; a small blue block starts left of a green triangle, the triangle spins")
     ball = world.ShapeObject("red", "circle", "large", "bounce", None, (0.7, 0.4))
@@ -834,7 +864,7 @@ def test_scorer_steps_rank_true_plans_above_their_contradictions():
     assert scorer_loss(scorer, slots, text, mask, canvas).item() < 0.5 * before
 
 
-def test_a_scorer_trains_from_a_planner_and_planning_keeps_the_draw_it_rates_best(tmp_path, monkeypatch):
+def test_a_scorer_trains_from_a_planner_and_planning_keeps_the_draw_it_rates_best(tmp_path, monkeypatch, capsys):
     from kinetoscope.pipelines import layout as planning
 
     recipe = tmp_path / "scorer.toml"
@@ -861,6 +891,11 @@ def test_a_scorer_trains_from_a_planner_and_planning_keeps_the_draw_it_rates_bes
     for flags, picked_by in (([], "scorer"), (["--no-scorer"], "consensus")):
         assert main(["planner", "eval", "--weights", str(planner_dir), "--per-tier", "1", "--report", str(tmp_path / "plans.json"), *flags]) == 0
         assert json.loads((tmp_path / "plans.json").read_text())["picked_by"] == picked_by
+    assert main(["planner", "eval", "--weights", str(planner_dir), "--per-tier", "1", "--report", str(tmp_path / "plans.json"),
+                 "--no-scorer", "--small-cost", "0.3"]) == 0
+    assert json.loads((tmp_path / "plans.json").read_text())["small_cost"] == 0.3
+    assert main(["planner", "eval", "--weights", str(planner_dir), "--small-cost", "1.5"]) == 2
+    assert "expected a share from 0 to 1, got '1.5'" in capsys.readouterr().err
     drawn = [[world.ShapeObject("red", "square", "medium", motion, None, (x, 0.5))] for motion, x in (("still", 0.3), ("spin", 0.5), ("grow", 0.6))]
     monkeypatch.setattr(planning, "euler_sample", lambda velocity, noise, times: torch.from_numpy(
         np.stack([scene_to_slots(objects) for objects in drawn])))

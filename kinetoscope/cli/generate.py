@@ -172,6 +172,8 @@ def run_eval(args) -> int:
     report_data = {"prompt_seed": args.prompt_seed, "sampling": asdict(sampling), "noise_seeds": NOISE_SEEDS}
     if pipe.planner is not None and not args.from_noise:
         report_data["layout"] = "true" if args.true_layout else "planned"
+        if not args.true_layout and pipe.plan_scorer is None:
+            report_data["small_cost"] = pipe.small_cost  # how the consensus picked each plan among the draws
     if args.from_noise:
         clips = args.clips or 50
         with tqdm(total=clips * len(args.from_noise), desc="noised clips", unit="clip") as bar:

@@ -20,6 +20,9 @@ def register(subparsers):
                                "is kept (default 32, as generation does; 1: the planner alone)")
     evaluate.add_argument("--guidance", type=common.guidance_scale,
                           help="classifier-free guidance of the plans (default: the planner's own, config.json's \"guidance\")")
+    evaluate.add_argument("--small-cost", type=common.share, default=0.0,
+                          help="what each object a plan draws small costs it, as a share of the draws agreeing on a trait "
+                               "(default 0; a generator's pipeline.json may set it under \"planning\")")
     evaluate.add_argument("--no-scorer", dest="scored", action="store_false",
                           help="keep the consensus of the draws even where the planner's folder has a plan scorer (scorer/)")
     evaluate.add_argument("--report", help="also write the results as JSON here")
@@ -51,14 +54,14 @@ def run_eval(args) -> int:
 
     report = common.check_writable_file(args.report, "--report") if args.report else None
     folder = Path(args.weights)
-    planned = load_planned(args.weights, tries=args.tries, guidance=args.guidance, scored=args.scored)
+    planned = load_planned(args.weights, tries=args.tries, guidance=args.guidance, scored=args.scored, small_cost=args.small_cost)
     with tqdm(total=args.per_tier * len(TIERS), desc="held-out plans", unit="plan") as bar:
         result = evaluate_generator(planned, args.per_tier, progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
     print_results(result)
     if report is not None:
         write_report(report, {"prompt_seed": args.prompt_seed, "noise_seeds": NOISE_SEEDS, "planner": str(folder), "tries": args.tries,
                               "guidance": planned.planner.cfg.guidance if args.guidance is None else args.guidance,
-                              "picked_by": "consensus" if planned.scorer is None else "scorer"}, result)
+                              "picked_by": "consensus" if planned.scorer is None else "scorer", "small_cost": args.small_cost}, result)
     return 0
 
 

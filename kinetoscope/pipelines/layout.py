@@ -35,6 +35,7 @@ PLAN_STEPS = 24
 PLAN_TRIES = 32  # plans drawn at once per prompt, of which one the world allows is kept (the consensus, or the scorer's pick)
 SCORER_FOLDER = "scorer"  # inside a planner's folder: the PlanScorer that picks among its plans
 RELATION_MARGIN = 0.1  # of the canvas: starts nearer than this are level
+SMALLEST = min(world.SIZES, key=world.SIZES.get)
 
 
 def check_planner(planner: LayoutPlanner):
@@ -48,12 +49,13 @@ def check_planner(planner: LayoutPlanner):
 def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor, width: int, height: int, seconds: float,
                  generator: torch.Generator, steps: int = PLAN_STEPS, tries: int = PLAN_TRIES,
                  guidance: float | None = None, scorer: PlanScorer | None = None,
-                 mentions: torch.Tensor | None = None) -> list[tuple[world.ShapeObject, ...]]:
+                 mentions: torch.Tensor | None = None, small_cost: float = 0.0) -> list[tuple[world.ShapeObject, ...]]:
     """The objects the planner places for each prompt (text (B, L, D), mask (B, L), mentions (B, L, L)
     from TextEncoder.mentions, which a planner or scorer with `cfg.mentions` needs) on a canvas of
     width x height pixels lasting `seconds`, seeded by `generator`: of `tries` plans each, of those
     the world allows (or all, where it allows none), the one `scorer` rates best, or without one
-    the consensus. Drawn with classifier-free `guidance` (None: the planner's own, `cfg.guidance`)."""
+    the consensus, less `small_cost` for each small object (`consensus`). Drawn with
+    classifier-free `guidance` (None: the planner's own, `cfg.guidance`)."""
     device = text.device
     b = text.shape[0]
     guidance = planner.cfg.guidance if guidance is None else guidance
@@ -77,7 +79,7 @@ def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor,
     for prompt in range(b):
         drawn = [slots_to_objects(row) for row in slots[prompt * tries:(prompt + 1) * tries]]
         allowed = [plan for plan in drawn if world.is_possible(plan, width / height, seconds)] or drawn
-        plans.append(consensus(allowed, drawn) if scorer is None else
+        plans.append(consensus(allowed, drawn, small_cost) if scorer is None else
                      best_scored(scorer, allowed, text[prompt:prompt + 1], mask[prompt:prompt + 1], canvas[:1],
                                  None if mentions is None else mentions[prompt:prompt + 1]))
     return plans
@@ -112,11 +114,14 @@ def plan_traits(objects: tuple[world.ShapeObject, ...]) -> set[tuple]:
     return traits
 
 
-def consensus(candidates, drawn):
+def consensus(candidates, drawn, small_cost: float = 0.0):
     """Of the candidate plans, the one whose traits the drawn plans share most: the planner's
-    likeliest reading of the prompt, where the first draw may be one of its rarer ones."""
+    likeliest reading of the prompt, where the first draw may be one of its rarer ones. Each object
+    a plan draws at the smallest size costs it `small_cost` (a share of the draws) of that agreement."""
     drawn_traits = [plan_traits(plan) for plan in drawn]
-    return max(candidates, key=lambda plan: sum(len(plan_traits(plan) & other) for other in drawn_traits))
+    cost = small_cost * len(drawn)
+    return max(candidates, key=lambda plan: sum(len(plan_traits(plan) & other) for other in drawn_traits)
+               - cost * sum(obj.size == SMALLEST for obj in plan))
 
 
 class PlannedScenes:
@@ -124,7 +129,7 @@ class PlannedScenes:
     itself on the prompt's background (black where it names none; the planner places objects only)."""
 
     def __init__(self, planner: LayoutPlanner, text_encoder: TextEncoder, fps: float = 8.0, size: tuple[int, int] = (128, 128),
-                 tries: int = PLAN_TRIES, guidance: float | None = None, scorer: PlanScorer | None = None):
+                 tries: int = PLAN_TRIES, guidance: float | None = None, scorer: PlanScorer | None = None, small_cost: float = 0.0):
         check_planner(planner)
         self.planner = planner.eval()
         self.scorer = scorer
@@ -133,11 +138,14 @@ class PlannedScenes:
         self.size = size
         self.tries = tries
         self.guidance = guidance
+        self.small_cost = small_cost
 
     @classmethod
-    def load(cls, weights: str | Path, tries: int = PLAN_TRIES, guidance: float | None = None, scored: bool = True) -> "PlannedScenes":
+    def load(cls, weights: str | Path, tries: int = PLAN_TRIES, guidance: float | None = None, scored: bool = True,
+             small_cost: float = 0.0) -> "PlannedScenes":
         planner, scorer = load_planning(weights)
-        return cls(planner, TextEncoder.load("cpu"), tries=tries, guidance=guidance, scorer=scorer if scored else None)
+        return cls(planner, TextEncoder.load("cpu"), tries=tries, guidance=guidance, scorer=scorer if scored else None,
+                   small_cost=small_cost)
 
     def frames_for(self, seconds: float) -> int:
         return 1 + round(seconds * self.fps)
@@ -149,7 +157,7 @@ class PlannedScenes:
         text, mask = self.text_encoder.encode([prompt])
         objects = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed),
                                tries=self.tries, guidance=self.guidance, scorer=self.scorer,
-                               mentions=self.text_encoder.mentions([prompt]))[0]
+                               mentions=self.text_encoder.mentions([prompt]), small_cost=self.small_cost)[0]
         background = parse_prompt(prompt).background or "black"
         scene = world.Scene(objects, background)
         return GeneratedVideo(world.render(scene, width, height, frames, self.fps), self.fps, seed, plan=objects)

@@ -132,7 +132,7 @@ class TextToVideo:
     def __init__(self, transformer: DiffusionTransformer, autoencoder: VideoAutoencoder, text_encoder: TextEncoder,
                  schedule: FlowSchedule = FlowSchedule(), fps: float = 8.0, device: str | torch.device = "cpu",
                  sampling: SamplingSettings | None = None, planner: LayoutPlanner | None = None, plan_scorer: PlanScorer | None = None,
-                 low_noise_transformer: DiffusionTransformer | None = None, boundary: float = 0.5):
+                 low_noise_transformer: DiffusionTransformer | None = None, boundary: float = 0.5, small_cost: float = 0.0):
         if transformer.cfg.layout_channels not in (0, LAYOUT_CHANNELS):
             raise ValueError(f"the transformer takes {transformer.cfg.layout_channels} layout channels; this version draws {LAYOUT_CHANNELS}")
         if transformer.cfg.silhouette_channels not in (0, silhouette_channels(autoencoder.cfg.temporal_factor)):
@@ -148,6 +148,9 @@ class TextToVideo:
         if plan_scorer is not None and planner is None:
             raise ValueError("a plan scorer picks among a layout planner's plans; this model has no planner")
         self.plan_scorer = plan_scorer.to(device).eval() if plan_scorer is not None else None
+        if isinstance(small_cost, bool) or not isinstance(small_cost, numbers.Real) or not 0 <= small_cost <= 1:  # NaN fails too
+            raise ValueError(f"a plan's small_cost must be a share of its draws from 0 to 1, not {small_cost!r}")
+        self.small_cost = float(small_cost)  # pipelines/layout.py consensus: what each object planned small costs a plan
         if transformer.cfg.latent_channels != autoencoder.cfg.latent_channels:
             raise ValueError(f"the transformer denoises {transformer.cfg.latent_channels} latent channels but the autoencoder "
                              f"makes {autoencoder.cfg.latent_channels}: name the transformer's own autoencoder in pipeline.json")
@@ -202,9 +205,12 @@ class TextToVideo:
         if not isinstance(low_noise, dict) or not isinstance(low_noise.get("transformer", ""), str) or set(low_noise) - {"transformer", "boundary"}:
             raise ValueError(f'{directory / "pipeline.json"}: "low_noise" must be an object of "transformer" (a folder) and "boundary"')
         low_noise_transformer = DiffusionTransformer.from_pretrained(directory / low_noise["transformer"]) if low_noise else None
+        planning = settings.get("planning", {})
+        if not isinstance(planning, dict) or set(planning) - {"small_cost"}:
+            raise ValueError(f'{directory / "pipeline.json"}: "planning" must be an object of "small_cost" (a share of the draws)')
         return cls(transformer, autoencoder, TextEncoder.load(device), schedule, float(fps), device,
                    None if sampling is None else SamplingSettings(**sampling), planner, plan_scorer,
-                   low_noise_transformer, low_noise.get("boundary", 0.5))
+                   low_noise_transformer, low_noise.get("boundary", 0.5), planning.get("small_cost", 0.0))
 
     def compile(self) -> "TextToVideo":
         """Run the transformer through torch.compile from now on: faster at every step once warm.
@@ -330,7 +336,8 @@ class TextToVideo:
         if self.planner is not None:
             if plan is None:
                 plan = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed),
-                                    scorer=self.plan_scorer, mentions=self.text_encoder.mentions([prompt]).to(self.device))[0]
+                                    scorer=self.plan_scorer, mentions=self.text_encoder.mentions([prompt]).to(self.device),
+                                    small_cost=self.small_cost)[0]
             plan = tuple(plan)
             frames_per_step = self.autoencoder.cfg.temporal_factor if self.transformer.cfg.silhouette_channels else None
             layout = layout_inputs([plan], (width, height), frames, self.fps, self.transformer.token_grid(latent_shape),
