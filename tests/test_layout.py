@@ -628,6 +628,8 @@ def test_a_layout_model_trains_on_true_layouts_and_samples_its_planners(tmp_path
     PlanScorer(TINY_PLANNER).save_pretrained(final / "planner" / "scorer")  # a scorer in the planner's folder picks its plans
     scored = TextToVideo.load(final)
     assert isinstance(scored.plan_scorer, PlanScorer)
+    with pytest.raises(ValueError, match="small_cost weighs the consensus of the plans; this model's plan scorer picks them"):
+        TextToVideo(pipe.transformer, pipe.autoencoder, pipe.text_encoder, planner=pipe.planner, plan_scorer=scored.plan_scorer, small_cost=0.5)
     assert scored("a red square spins", width=32, height=32, frames=5, steps=1, seed=2).plan is not None
     with pytest.raises(ValueError, match="picks among a layout planner's plans"):
         TextToVideo(plain_transformer(pipe), pipe.autoencoder, pipe.text_encoder, plan_scorer=scored.plan_scorer)
@@ -896,6 +898,8 @@ def test_a_scorer_trains_from_a_planner_and_planning_keeps_the_draw_it_rates_bes
     assert json.loads((tmp_path / "plans.json").read_text())["small_cost"] == 0.3
     assert main(["planner", "eval", "--weights", str(planner_dir), "--small-cost", "1.5"]) == 2
     assert "expected a share from 0 to 1, got '1.5'" in capsys.readouterr().err
+    assert main(["planner", "eval", "--weights", str(planner_dir), "--small-cost", "0.3"]) == 2  # the scorer picks: nothing to weigh
+    assert "this planner's scorer picks them (add --no-scorer)" in capsys.readouterr().err
     drawn = [[world.ShapeObject("red", "square", "medium", motion, None, (x, 0.5))] for motion, x in (("still", 0.3), ("spin", 0.5), ("grow", 0.6))]
     monkeypatch.setattr(planning, "euler_sample", lambda velocity, noise, times: torch.from_numpy(
         np.stack([scene_to_slots(objects) for objects in drawn])))

@@ -55,13 +55,16 @@ def run_eval(args) -> int:
     report = common.check_writable_file(args.report, "--report") if args.report else None
     folder = Path(args.weights)
     planned = load_planned(args.weights, tries=args.tries, guidance=args.guidance, scored=args.scored, small_cost=args.small_cost)
+    if args.small_cost and planned.scorer is not None:
+        raise common.UsageError("--small-cost weighs the consensus of the draws; this planner's scorer picks them (add --no-scorer)")
     with tqdm(total=args.per_tier * len(TIERS), desc="held-out plans", unit="plan") as bar:
         result = evaluate_generator(planned, args.per_tier, progress=lambda item, verdict: bar.update(1), seed=args.prompt_seed)
     print_results(result)
     if report is not None:
         write_report(report, {"prompt_seed": args.prompt_seed, "noise_seeds": NOISE_SEEDS, "planner": str(folder), "tries": args.tries,
                               "guidance": planned.planner.cfg.guidance if args.guidance is None else args.guidance,
-                              "picked_by": "consensus" if planned.scorer is None else "scorer", "small_cost": args.small_cost}, result)
+                              "picked_by": "consensus" if planned.scorer is None else "scorer",
+                              **({} if planned.scorer else {"small_cost": args.small_cost})}, result)
     return 0
 
 

@@ -150,6 +150,8 @@ class TextToVideo:
         self.plan_scorer = plan_scorer.to(device).eval() if plan_scorer is not None else None
         if isinstance(small_cost, bool) or not isinstance(small_cost, numbers.Real) or not 0 <= small_cost <= 1:  # NaN fails too
             raise ValueError(f"a plan's small_cost must be a share of its draws from 0 to 1, not {small_cost!r}")
+        if small_cost and plan_scorer is not None:
+            raise ValueError("small_cost weighs the consensus of the plans; this model's plan scorer picks them instead")
         self.small_cost = float(small_cost)  # pipelines/layout.py consensus: what each object planned small costs a plan
         if transformer.cfg.latent_channels != autoencoder.cfg.latent_channels:
             raise ValueError(f"the transformer denoises {transformer.cfg.latent_channels} latent channels but the autoencoder "
