@@ -55,11 +55,8 @@ def path_fraction(text: str) -> float:
 
 def share(text: str) -> float:
     """A share from 0 to 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:  # NaN fails too
+    value = finite_float(text)
+    if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, got {text!r}")
     return value
 
