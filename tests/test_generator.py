@@ -679,7 +679,7 @@ class RenderingPipe:
         self.lengths.add(frames)
         self.seeds.append(seed)
         frames = world.render(self.scenes[prompt], 128, 128, frames, self.fps)
-        return SimpleNamespace(frames=np.zeros_like(frames) if self.blank else frames, fps=self.fps)
+        return SimpleNamespace(frames=np.zeros_like(frames) if self.blank else frames, fps=self.fps, draws=1)
 
 
 def test_eval_scores_true_renders_right_and_blank_ones_wrong(monkeypatch):

@@ -15,7 +15,7 @@ from kinetoscope.data.captions import parse_prompt
 from kinetoscope.data.world import (BACKGROUNDS, COLORS, LINEAR_MOTIONS, MOTIONS, SHAPES, SIZES, SPEEDS, Scene,
                                     ShapeObject)
 from kinetoscope.eval.calibrate import blur, h264, noise
-from kinetoscope.eval.judge import compare, judge, observe
+from kinetoscope.data.judge import compare, judge, observe
 from kinetoscope.media.video import write_video
 
 FPS = 8.0

@@ -709,7 +709,7 @@ def test_eval_with_true_layouts_hands_each_prompt_the_scene_it_was_written_from(
         def __call__(self, prompt, frames=17, seed=0, plan=None, **settings):
             self.asked.append(plan)
             scene = world.Scene(tuple(plan), captions.parse_prompt(prompt).background or "black")
-            return SimpleNamespace(frames=world.render(scene, 128, 128, frames, self.fps), fps=self.fps)
+            return SimpleNamespace(frames=world.render(scene, 128, 128, frames, self.fps), fps=self.fps, draws=1)
 
     prompts = generation.held_out_prompts(4)
     for item in prompts:  # each prompt's objects are the ones it names
@@ -723,7 +723,7 @@ def test_eval_with_true_layouts_hands_each_prompt_the_scene_it_was_written_from(
 
 
 def test_plans_rendered_by_the_world_are_judged_like_videos():
-    from kinetoscope.eval.judge import judge
+    from kinetoscope.data.judge import judge
     from kinetoscope.models.text_encoder import TextEncoder
     from kinetoscope.pipelines.layout import PlannedScenes
 

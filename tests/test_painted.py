@@ -2,6 +2,7 @@
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from kinetoscope.cli import main
-from kinetoscope.data import captions
+from kinetoscope.data import captions, world
+from kinetoscope.data.judge import Check, Verdict
 from kinetoscope.models.autoencoder import VideoAutoencoder
 from kinetoscope.models.dit import DiffusionTransformer, config_for
 from kinetoscope.models.planner import LayoutPlanner
 from kinetoscope.models.text_encoder import TextEncoder
-from kinetoscope.pipelines.text_to_video import SamplingSettings, TextToVideo
+from kinetoscope.pipelines import text_to_video
+from kinetoscope.pipelines.text_to_video import SamplingSettings, TextToVideo, redraw_seed
 from kinetoscope.training.autoencoder import train as train_autoencoder
 from kinetoscope.training.common import RecipeError
 from kinetoscope.training.painted import PaintedPairs, encoder_fingerprint, paint_pairs, painted_background
@@ -126,3 +129,83 @@ def test_ae_paint_writes_resumes_and_refuses_bad_input_in_one_line(generator, tm
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main([*command[:-1], str(tmp_path), "--count", "1"]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_painting_that_misses_its_plan_is_painted_again_from_new_noise_and_the_best_is_kept(generator, monkeypatch):
+    """The judge's reading of each painting against its plan is scripted here: how many of four
+    checks it keeps. A painting that keeps them all ends the redraws; else the one keeping most does."""
+    _, pipe = generator
+    prompt, request = "a red circle moves to the right", {"width": 32, "height": 32, "frames": 5}
+    first = pipe(prompt, seed=3, redraws=0, **request)
+    assert first.draws == 1 and "check" not in first.timings
+    assert redraw_seed(3, 0) == 3 and len({redraw_seed(3, 1), redraw_seed(3, 2), redraw_seed(4, 1)}) == 3
+
+    def scripted(*kept_by_painting):
+        readings = iter(kept_by_painting)
+        monkeypatch.setattr(text_to_video, "drawing_verdict", lambda frames, plan, fps: _verdict_keeping(next(readings)))
+
+    def painting(draw: int):
+        return pipe(prompt, seed=redraw_seed(3, draw), plan=first.plan, redraws=0, **request).frames
+
+    scripted(2, 4, 0)
+    steps = []
+    kept = pipe(prompt, seed=3, redraws=2, on_step=lambda done, total: steps.append((done, total)), **request)
+    assert kept.draws == 2 and kept.seed == 3 and kept.plan == first.plan and kept.timings["check"] > 0
+    assert np.array_equal(kept.frames, painting(1)) and not np.array_equal(kept.frames, first.frames)
+    assert steps == [(1, 2), (2, 2), (3, 4), (4, 4)]  # the redraw adds its two steps to the work
+    scripted(1, 3, 2)
+    best = pipe(prompt, seed=3, redraws=2, **request)
+    assert best.draws == 3 and np.array_equal(best.frames, painting(1))  # none kept the plan: the one keeping most of it
+    scripted(3, 3)
+    assert np.array_equal(pipe(prompt, seed=3, redraws=1, **request).frames, first.frames)  # a tie keeps the earlier painting
+    for redraws, message in ((9, "from 0 to 8"), (-1, "from 0 to 8"), (True, "whole number")):
+        with pytest.raises(ValueError, match=message):
+            pipe(prompt, redraws=redraws, **request)
+
+
+def _verdict_keeping(kept: int) -> Verdict:
+    return Verdict(tuple(Check("red circle", "motion", "right", "-", i < kept) for i in range(4)))
+
+
+def test_the_judge_reads_a_painting_against_every_attribute_of_its_plan():
+    from kinetoscope.pipelines.layout import drawing_verdict
+
+    plan = (world.ShapeObject("red", "circle", "medium", "right", "slow", (0.3, 0.25)),
+            world.ShapeObject("blue", "square", "large", "still", None, (0.7, 0.75)))
+    painted = world.render(world.Scene(plan, "black"), 128, 128, 17, 8.0)
+    assert drawing_verdict(painted, plan, 8.0).passed
+    for changed in (replace(plan[0], speed="fast"), replace(plan[0], size="small"), replace(plan[0], shape="triangle")):
+        missed = drawing_verdict(world.render(world.Scene((changed, plan[1]), "black"), 128, 128, 17, 8.0), plan, 8.0)
+        assert [check.name for check in missed.checks if not check.passed] == [next(
+            name for name in ("speed", "size", "shape") if getattr(changed, name) != getattr(plan[0], name))]
+    assert drawing_verdict(painted[:1], plan, 8.0).passed  # one frame shows no motion, so none is asked of it
+
+
+def test_redraws_come_from_the_model_folder_or_the_command_line_and_only_a_layout_model_takes_them(generator, tmp_path, capsys):
+    root, pipe = generator
+    folder = root / "generator"
+    settings = json.loads((folder / "pipeline.json").read_text())
+    try:
+        for redraws, message in ((9, "from 0 to 8"), (1.5, "whole number"), ("2", "whole number")):
+            (folder / "pipeline.json").write_text(json.dumps({**settings, "redraws": redraws}))
+            with pytest.raises(ValueError, match=f'pipeline.json "redraws".*{message}'):
+                TextToVideo.load(folder)
+        (folder / "pipeline.json").write_text(json.dumps({**settings, "redraws": 1}))
+        assert TextToVideo.load(folder).redraws == 1
+        out = tmp_path / "out.mp4"
+        command = ["generate", "a red circle moves to the right", "-o", str(out), "--size", "32x32", "--seconds", "0.5", "--weights", str(folder)]
+        assert main(command) == 0  # random weights paint nothing the judge can read as the plan: painted again
+        assert "painted 2 times" in capsys.readouterr().out
+        assert main([*command, "--redraws", "0"]) == 0 and "painted" not in capsys.readouterr().out.replace("wrote", "")
+        report = tmp_path / "eval.json"
+        assert main(["eval", "--weights", str(folder), "--per-tier", "1", "--redraws", "2", "--report", str(report)]) == 0
+        written = json.loads(report.read_text())
+        assert written["redraws"] == 2 and written["paintings"] == 6  # two prompts, each painted three times
+        assert "clips painted: 6 for 2 prompts" in capsys.readouterr().out
+    finally:
+        (folder / "pipeline.json").write_text(json.dumps(settings))
+    plain = TextToVideo(DiffusionTransformer(config_for("tiny", latent_channels=8, depth=1)), pipe.autoencoder, pipe.text_encoder)
+    with pytest.raises(ValueError, match="plans no layout"):
+        plain("a red circle", width=32, height=32, frames=5, steps=1, redraws=1)
+    with pytest.raises(ValueError, match='pipeline.json "redraws".*plans no layout'):
+        TextToVideo(plain.transformer, pipe.autoencoder, pipe.text_encoder, redraws=1)

@@ -170,7 +170,8 @@ def test_a_default_size_the_model_cannot_make_is_refused_at_start(tmp_path, weig
     (["--port", "70000"], "--port"),
     (["--steps", "5000"], "--steps"),
     (["--database", "postgresql+psycopg://localhost/kinetoscope"], "cannot open the database"),
-], ids=["guidance-nan", "port-out-of-range", "too-many-steps", "database-driver-missing"])
+    (["--redraws", "1"], "--redraws: redraws check a painting against its layout plan; this model plans no layout"),
+], ids=["guidance-nan", "port-out-of-range", "too-many-steps", "database-driver-missing", "redraws-without-a-planner"])
 def test_bad_serve_arguments_are_one_line_and_exit_2(tmp_path, weights_dir, capsys, args, named):
     assert main(["serve", "--data", str(tmp_path), "--weights", str(weights_dir), *args]) == 2
     err = capsys.readouterr().err.strip()
@@ -514,6 +515,36 @@ def test_a_worker_that_lost_its_lease_to_another_never_removes_that_workers_vide
     with db.transaction(sessions, write=False) as session:
         assert session.scalar(select(db.Video.status)) == "completed"
     assert all(storage.path("video_1", variant).is_file() for variant in ("video", "thumbnail", "spritesheet"))
+
+
+def test_progress_never_goes_back_when_a_redraw_adds_steps_to_the_work(tmp_path, weights_dir, monkeypatch):
+    """A layout model that paints a clip again reports the redraw's steps on a grown total
+    (text_to_video: step 3 of 4 after 2 of 2); the video's progress holds instead of falling."""
+    from kinetoscope.pipelines.text_to_video import TextToVideo
+    from kinetoscope.server import jobs
+    from kinetoscope.server.settings import ServerSettings
+    from kinetoscope.server.storage import VideoStorage
+
+    monkeypatch.setattr(jobs, "PROGRESS_WRITE_SECONDS", 0.0)  # every report written
+    sessions = db.open_database(db.database_url_for(tmp_path))
+    access.create_key(sessions, "artist")
+    pipe = TextToVideo.load(weights_dir)
+    runner = jobs.JobRunner(sessions, ServerSettings(data_dir=tmp_path), [pipe], storage := VideoStorage(tmp_path / "videos"))
+    with db.transaction(sessions) as session:
+        session.add(db.Video(id="video_1", key_id=session.scalar(select(db.ApiKey.id)), status="queued", prompt="a red circle",
+                             model="kinetoscope-shapes", seconds="1", width=32, height=32, frames=9, seed=1, steps=2, guidance=4.0))
+    shown = []
+
+    def redrawing_pipeline(prompt, on_step, **kwargs):
+        for done, total in ((1, 2), (2, 2), (3, 4), (4, 4)):
+            on_step(done, total)
+            with db.transaction(sessions, write=False) as session:
+                shown.append(session.scalar(select(db.Video.progress)))
+        return pipe(prompt, **kwargs)
+
+    runner.run(redrawing_pipeline, *runner.claim())
+    share = jobs.SAMPLING_SHARE
+    assert shown == [share // 2, share, share, share] and storage.path("video_1", "video").is_file()
 
 
 def test_files_a_stopped_server_left_behind_for_deleted_videos_and_downloads_go_at_the_next_start(tmp_path, weights_dir):

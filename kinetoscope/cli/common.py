@@ -114,6 +114,7 @@ def whole_number_in(low: int, high: int | None = None):
 seed = whole_number_in(0, 2**63 - 1)
 positive_int = whole_number_in(1)
 sampling_steps = whole_number_in(1, 1000)  # text_to_video.MAX_STEPS, named here so --help needs no torch
+redraw_count = whole_number_in(0, 8)  # text_to_video.MAX_REDRAWS, likewise
 
 
 def check_writable_file(path: str | Path, option: str) -> Path:
@@ -185,6 +186,20 @@ def add_sampling_arguments(parser):
     parser.add_argument("--guidance", type=guidance_scale, help="classifier-free guidance scale (default: the model's own, 4 for the shipped model)")
     parser.add_argument("--sampler", choices=("euler", "heun", "stochastic"),  # rectified_flow.SAMPLERS, named here so --help needs no torch
                         help="default: the model's own (stochastic for the shipped model)")
+    parser.add_argument("--redraws", type=redraw_count,
+                        help="a layout model paints a clip again from new noise, at most this many times, while the judge reads "
+                             "it as missing its plan (default: the model's own, 2 for the shipped model; 0 keeps the first painting)")
+
+
+def set_redraws(pipe, redraws: int | None):
+    """`--redraws`, where given, in place of the model's own, once the model can take it."""
+    from kinetoscope.pipelines.text_to_video import checked_redraws
+
+    if redraws is not None:
+        try:
+            pipe.redraws = checked_redraws(redraws, pipe.planner)
+        except ValueError as error:
+            raise UsageError(f"--redraws: {error}") from None
 
 
 def compile_and_warm_up(pipe, width: int, height: int, frames: int, guidance: float):

@@ -79,6 +79,7 @@ def checked_request(pipe, prompt: str, width: int, height: int, seconds: float |
         sampling = pipe.sampling_for(args.steps, args.guidance, args.sampler)
     except ValueError as error:
         raise common.UsageError(str(error)) from None
+    common.set_redraws(pipe, args.redraws)
     return frames, sampling
 
 
@@ -109,9 +110,12 @@ def run_generate(args) -> int:
     width, height = args.size
     frames, sampling = checked_request(pipe, args.prompt, width, height, None if image else args.seconds, args)
     with tqdm(total=sampling.steps, desc="denoising", unit="step") as bar:
+        def on_step(done: int, total: int):  # a redraw adds its steps to the total
+            bar.total = total
+            bar.update(done - bar.n)
+
         video = pipe(args.prompt, width=width, height=height, frames=frames, steps=sampling.steps,
-                     guidance=sampling.guidance, seed=args.seed, sampler=sampling.sampler,
-                     on_step=lambda done, total: bar.update(1))
+                     guidance=sampling.guidance, seed=args.seed, sampler=sampling.sampler, on_step=on_step)
     result = video.frames if image else retime(video.frames, video.fps, args.fps, args.seconds)
     try:
         write_video(output, result, args.fps)
@@ -119,6 +123,8 @@ def run_generate(args) -> int:
         raise common.UsageError(f"cannot write {output}: {error}") from None
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
     print(f"wrote {output}: {len(result)} frame(s) of {width}x{height} at {args.fps:g} fps, seed {args.seed} ({timing})")
+    if video.draws > 1:
+        print(f"painted {video.draws} times: the judge read the earlier painting(s) as missing the layout")
     if video.plan is not None:  # a layout model: where its planner put the objects (x, y as fractions of the canvas)
         from kinetoscope.data.layout import describe_objects
 
@@ -167,6 +173,7 @@ def run_eval(args) -> int:
         sampling = pipe.sampling_for(args.steps, args.guidance, args.sampler)
     except ValueError as error:
         raise common.UsageError(str(error)) from None
+    common.set_redraws(pipe, args.redraws)
     print(f"sampling: {sampling.describe()}")
 
     report_data = {"prompt_seed": args.prompt_seed, "sampling": asdict(sampling), "noise_seeds": NOISE_SEEDS}
@@ -174,6 +181,7 @@ def run_eval(args) -> int:
         report_data["layout"] = "true" if args.true_layout else "planned"
         if not args.true_layout and pipe.plan_scorer is None:
             report_data["small_cost"] = pipe.small_cost  # how the consensus picked each plan among the draws
+        report_data["redraws"] = pipe.redraws
     if args.from_noise:
         clips = args.clips or 50
         with tqdm(total=clips * len(args.from_noise), desc="noised clips", unit="clip") as bar:
@@ -206,6 +214,9 @@ def print_results(result: dict):
     print(f"attribute checks passed: {sum(c['passed'] for c in checks)} of {sum(c['of'] for c in checks)} (all tiers)")
     print("fully right by objects named: " + ", ".join(f"{count} object{'s' * (count > 1)} {tally['fully_right']} of {tally['prompts']}"
                                                       for count, tally in result["by_objects"].items()))
+    prompts = sum(scores["prompts"] for scores in result["tiers"].values())
+    if result["paintings"] > prompts:
+        print(f"clips painted: {result['paintings']} for {prompts} prompts (redraws of paintings the judge read as missing their plan)")
     for item, failed in result["failures"][:10]:
         print(f"  failed [{item.tier}] {item.prompt!r}: {'; '.join(failed)}")
 
@@ -219,6 +230,7 @@ def write_report(path: Path, report_data: dict, result: dict | None):
     if result is not None:
         report_data["tiers"] = result["tiers"]
         report_data["by_objects"] = {str(count): tally for count, tally in result["by_objects"].items()}
+        report_data["paintings"] = result["paintings"]
         report_data["failures"] = [{"tier": item.tier, "prompt": item.prompt, "failed": failed} for item, failed in result["failures"]]
     try:
         with atomic_output(path) as temporary:
@@ -278,6 +290,9 @@ def run_bench(args) -> int:
     print(f"clip: {r['clip']}")
     print(f"seconds per clip: {r['total_s']:.3f} ({stages})")
     print(f"real-time factor: {r['real_time_factor']:.2f}x (clip seconds / wall seconds)")
+    if pipe.redraws:
+        print(f"paintings per clip: {r['paintings_per_clip']:.2f} (up to {1 + pipe.redraws}: redraws of paintings the judge read as missing "
+              f"their plan; --redraws 0 times the first painting alone)")
     print(f"denoiser: {r['denoiser_flops_per_s'] / 1e9:.0f} GFLOP/s = {r['fraction_of_matmul_rate']:.0%} of the "
           f"{r['compute_dtype']} matmul rate measured now ({r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)")
     where = "allocated during the timed generations, weights included" if pipe.device.type == "cuda" else "the process's peak resident memory, loading included"

@@ -34,7 +34,7 @@ def register(subparsers):
 
 def run_judge(args) -> int:
     from kinetoscope.data.captions import PromptError, parse_prompt
-    from kinetoscope.eval.judge import judge
+    from kinetoscope.data.judge import judge
     from kinetoscope.media.video import VideoError, read_video
 
     try:

@@ -117,6 +117,8 @@ def run_serve(args) -> int:
         sampling = pipelines[0].sampling_for(settings.steps, settings.guidance, settings.sampler)
     except ValueError as error:
         raise common.UsageError(str(error)) from None
+    for pipe in pipelines:
+        common.set_redraws(pipe, args.redraws)
     open_sessions(args)  # a bad database is one line here, not a traceback from inside uvicorn
     if args.compile:  # compiled now, so the first request does not wait for the compiler
         for pipe in pipelines:

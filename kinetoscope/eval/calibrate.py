@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from kinetoscope.data import world
-from kinetoscope.eval.judge import compare, observe
+from kinetoscope.data.judge import compare, observe
 from kinetoscope.media.video import read_video, write_video
 
 CANVASES = ((64, 64), (96, 64), (128, 128))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kinetoscope.data import captions, world
-from kinetoscope.eval.judge import judge
+from kinetoscope.data.judge import judge
 
 EVAL_SEED = 777
 EVAL_SECONDS = 2.0  # every held-out scene lasts this long
@@ -65,7 +65,8 @@ def scores(verdicts: list) -> dict:
 
 def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, progress=None, seed: int = EVAL_SEED,
                        true_layout: bool = False) -> dict:
-    """{"tiers": {tier: scores}, "by_objects": {objects named: {"prompts", "fully_right"}}, "failures"};
+    """{"tiers": {tier: scores}, "by_objects": {objects named: {"prompts", "fully_right"}}, "failures",
+    "paintings" (clips painted, redraws included)};
     by_objects counts prompts over both tiers, since what fails most is a scene of several objects.
     The judge checks each named group of objects (count, shape, size, motion, speed where named,
     steadiness), a named relation and background once, and extra objects once per prompt, so the
@@ -74,9 +75,10 @@ def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, p
     instead of its planner's plan: how often the denoiser paints a right plan right."""
     settings = {"frames": pipe.frames_for(EVAL_SECONDS), **(settings or {})}  # the scenes' length at the model's frame rate
     verdicts, by_objects = defaultdict(list), defaultdict(list)
-    failures = []
+    failures, paintings = [], 0
     for index, item in enumerate(held_out_prompts(per_tier, seed)):
         video = pipe(item.prompt, seed=index, **({"plan": item.objects} if true_layout else {}), **settings)
+        paintings += video.draws
         scene = captions.parse_prompt(item.prompt)
         verdict = judge(video.frames, scene, video.fps)
         verdicts[item.tier].append(verdict)
@@ -87,7 +89,7 @@ def evaluate_generator(pipe, per_tier: int = 50, settings: dict | None = None, p
             progress(item, verdict)
     return {"tiers": {tier: scores(results) for tier, results in verdicts.items()},
             "by_objects": {count: {"prompts": len(passed), "fully_right": int(sum(passed))} for count, passed in sorted(by_objects.items())},
-            "failures": failures}
+            "failures": failures, "paintings": paintings}
 
 
 def evaluate_from_noise(pipe, levels: list[float], clips: int = 50, settings: dict | None = None, progress=None,

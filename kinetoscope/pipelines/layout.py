@@ -12,10 +12,13 @@ a plan scorer (`scorer/`, models/planner.py `PlanScorer`), the allowed draw it r
 instead (`load_planning` loads both). `PlannedScenes` renders those
 objects exactly as Shapes World would, so the judge can score a planner alone: the share of
 held-out prompts a layout model could get fully right if its denoiser painted every plan perfectly.
+`drawing_verdict` is the judge's reading of a painted clip against its own plan: how a pipeline
+tells a drawing that missed its plan from one that kept it.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ import torch
 
 from kinetoscope.data import world
 from kinetoscope.data.captions import parse_prompt
+from kinetoscope.data.judge import Verdict, judge
 from kinetoscope.data.layout import MAX_OBJECTS, SLOT_FEATURES, scene_to_slots, slots_to_objects
 from kinetoscope.diffusion.rectified_flow import euler_sample
 from kinetoscope.models.planner import LayoutPlanner, PlanScorer, canvas_condition
@@ -122,6 +126,16 @@ def consensus(candidates, drawn, small_cost: float = 0.0):
     cost = small_cost * len(drawn)
     return max(candidates, key=lambda plan: sum(len(plan_traits(plan) & other) for other in drawn_traits)
                - cost * sum(obj.size == SMALLEST for obj in plan))
+
+
+def drawing_verdict(frames: np.ndarray, plan: tuple[world.ShapeObject, ...], fps: float) -> Verdict:
+    """The judge's checks of frames (uint8 (T, H, W, 3)) against every attribute of the plan they
+    were painted from, the prompt's words unseen: a plan states each object's size, motion and
+    speed, whether or not the prompt did. One frame shows no motion, so there only what it can show
+    is checked."""
+    if len(frames) == 1:
+        plan = tuple(replace(obj, motion=None, speed=None) for obj in plan)
+    return judge(frames, world.Scene(plan, background=None), fps)
 
 
 class PlannedScenes:

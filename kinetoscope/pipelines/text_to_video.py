@@ -25,6 +25,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from kinetoscope.models.dit import DiffusionTransformer
 from kinetoscope.models.planner import LayoutPlanner, PlanScorer
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
-from kinetoscope.pipelines.layout import check_planner, load_planning, plan_objects
+from kinetoscope.pipelines.layout import check_planner, drawing_verdict, load_planning, plan_objects
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "generator"
 MAX_PROMPT_CHARS = 1000
@@ -49,6 +50,7 @@ MAX_FPS = 120.0
 MAX_STEPS = 1000
 MAX_GUIDANCE = 30.0  # far past any useful scale; beyond it velocities blow up and frames saturate
 MAX_SEED = 2**63 - 1  # torch.Generator takes a signed 64-bit seed
+MAX_REDRAWS = 8
 COMPILED_TEXT_MULTIPLE = 32  # prompt tokens padded to a multiple of this, so most prompts share one compiled graph
 
 
@@ -111,6 +113,20 @@ def checked_sampling(steps, guidance, sampler: str, guidance_range: tuple[float,
     return SamplingSettings(steps, float(guidance), sampler, (first, last))
 
 
+def redraw_seed(seed: int, draw: int) -> int:
+    """The noise seed of a clip's `draw`-th painting: the clip's own seed first, then seeds drawn
+    from it, so a seed names its clip whatever redraws it took."""
+    return seed if draw == 0 else int(np.random.SeedSequence([seed, draw]).generate_state(1)[0])
+
+
+def checked_redraws(redraws, planner) -> int:
+    """Redraws check a painting against its plan, so only a layout model (one with a planner) takes them."""
+    redraws = whole_number(redraws, "redraws", 0, MAX_REDRAWS)
+    if redraws and planner is None:
+        raise ValueError("redraws check a painting against its layout plan; this model plans no layout")
+    return redraws
+
+
 def checked_boundary(boundary) -> float:
     """Where a low-noise transformer takes over, once it is a share of the path strictly inside it."""
     if isinstance(boundary, bool) or not isinstance(boundary, numbers.Real) or not 0 < boundary < 1:  # NaN fails too
@@ -126,13 +142,15 @@ class GeneratedVideo:
     timings: dict = field(default_factory=dict)  # seconds spent in text, denoise, decode
     plan: tuple | None = None  # a layout model's planned objects (data/world.py's ShapeObject), where it drew them
     latents: torch.Tensor | None = None  # (1, C, T, h, w) normalised: what the autoencoder decoded into the frames
+    draws: int = 1  # paintings made: the first, and each redraw after a painting that missed its plan
 
 
 class TextToVideo:
     def __init__(self, transformer: DiffusionTransformer, autoencoder: VideoAutoencoder, text_encoder: TextEncoder,
                  schedule: FlowSchedule = FlowSchedule(), fps: float = 8.0, device: str | torch.device = "cpu",
                  sampling: SamplingSettings | None = None, planner: LayoutPlanner | None = None, plan_scorer: PlanScorer | None = None,
-                 low_noise_transformer: DiffusionTransformer | None = None, boundary: float = 0.5, small_cost: float = 0.0):
+                 low_noise_transformer: DiffusionTransformer | None = None, boundary: float = 0.5, small_cost: float = 0.0,
+                 redraws: int = 0):
         if transformer.cfg.layout_channels not in (0, LAYOUT_CHANNELS):
             raise ValueError(f"the transformer takes {transformer.cfg.layout_channels} layout channels; this version draws {LAYOUT_CHANNELS}")
         if transformer.cfg.silhouette_channels not in (0, silhouette_channels(autoencoder.cfg.temporal_factor)):
@@ -153,6 +171,10 @@ class TextToVideo:
         if small_cost and plan_scorer is not None:
             raise ValueError("small_cost weighs the consensus of the plans; this model's plan scorer picks them instead")
         self.small_cost = float(small_cost)  # pipelines/layout.py consensus: what each object planned small costs a plan
+        try:
+            self.redraws = checked_redraws(redraws, planner)  # paintings that miss their plan are painted again, this many times at most
+        except ValueError as error:
+            raise ValueError(f'the model\'s own redraws (pipeline.json "redraws") are not ones it can take: {error}') from None
         if transformer.cfg.latent_channels != autoencoder.cfg.latent_channels:
             raise ValueError(f"the transformer denoises {transformer.cfg.latent_channels} latent channels but the autoencoder "
                              f"makes {autoencoder.cfg.latent_channels}: name the transformer's own autoencoder in pipeline.json")
@@ -212,7 +234,7 @@ class TextToVideo:
             raise ValueError(f'{directory / "pipeline.json"}: "planning" must be an object of "small_cost" (a share of the draws)')
         return cls(transformer, autoencoder, TextEncoder.load(device), schedule, float(fps), device,
                    None if sampling is None else SamplingSettings(**sampling), planner, plan_scorer,
-                   low_noise_transformer, low_noise.get("boundary", 0.5), planning.get("small_cost", 0.0))
+                   low_noise_transformer, low_noise.get("boundary", 0.5), planning.get("small_cost", 0.0), settings.get("redraws", 0))
 
     def compile(self) -> "TextToVideo":
         """Run the transformer through torch.compile from now on: faster at every step once warm.
@@ -304,12 +326,17 @@ class TextToVideo:
     def __call__(self, prompt: str, width: int = 128, height: int = 128, frames: int = 17, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, sampler: str | None = None, on_step=None,
                  video: np.ndarray | None = None, strength: float = 1.0, plan: Sequence[world.ShapeObject] | None = None,
-                 guidance_interval: tuple[float, float] | None = None) -> GeneratedVideo:
-        """Sampling settings left None are the model's own (`self.sampling`).
+                 guidance_interval: tuple[float, float] | None = None, redraws: int | None = None) -> GeneratedVideo:
+        """Sampling settings left None are the model's own (`self.sampling`), and so are `redraws`
+        left None (`self.redraws`).
 
         A layout model paints the objects of `plan` (Shapes World's ShapeObject: colour, shape,
         size, motion, speed, start) where given, in place of its planner's: a layout a person sets,
-        or a scene's true one, which tells the denoiser's failures from the planner's.
+        or a scene's true one, which tells the denoiser's failures from the planner's. Where the
+        judge reads a layout model's painting as missing any attribute of its plan, the clip is
+        painted again from new noise (`redraw_seed`), up to `redraws` times: the first painting that
+        keeps the whole plan is returned, else the one that keeps most of it (`draws` says how many
+        were made; `timings` add up all of them, "check" being the judge's part).
 
         With `video` (uint8 (T, H, W, 3), which then sets the size and length), the sample starts
         from that video noised to `strength` of the sampler's path (SDEdit, Meng et al., 2022) and
@@ -328,6 +355,7 @@ class TextToVideo:
             raise ValueError("strength below 1 needs a video to start from")
         self.check_request(prompt, width, height, frames)
         self.check_plan(plan)
+        redraws = self.redraws if redraws is None else checked_redraws(redraws, self.planner)
         width, height, frames = int(width), int(height), int(frames)
         steps, guidance, sampler, guidance_interval = astuple(self.sampling_for(steps, guidance, sampler, guidance_interval))
         timings = {}
@@ -355,6 +383,33 @@ class TextToVideo:
                 given = self.autoencoder.encode(clip_to_tensor(video)[None].to(self.device)).float()
             timings["encode"] = self._clock() - start
 
+        best, best_kept = None, -1
+        for draw in range(1 + (redraws if plan is not None else 0)):
+            progress = None if on_step is None else partial(self._draw_progress, on_step, draw)
+            latents, frames_out = self._paint(text, mask, latent_shape, steps, guidance, redraw_seed(seed, draw), sampler, progress,
+                                              given, strength, layout, guidance_interval, timings)
+            candidate = GeneratedVideo(frames_out, self.fps, seed, timings, plan, latents)
+            if plan is None or not redraws:
+                return candidate
+            start = self._clock()
+            verdict = drawing_verdict(frames_out, plan, self.fps)
+            timings["check"] = timings.get("check", 0.0) + self._clock() - start
+            kept = sum(check.passed for check in verdict.checks)
+            if kept > best_kept:  # the earliest drawing keeps a tie
+                best, best_kept = candidate, kept
+            if verdict.passed:
+                break
+        best.draws = draw + 1
+        return best
+
+    @staticmethod
+    def _draw_progress(on_step, draw: int, done: int, total: int):
+        """A redraw adds its steps to the work: step `done` of redraw `draw` is done + draw * total of (draw + 1) * total."""
+        on_step(draw * total + done, (draw + 1) * total)
+
+    def _paint(self, text, mask, latent_shape, steps, guidance, seed, sampler, on_step, given, strength, layout,
+               guidance_interval, timings: dict) -> tuple[torch.Tensor, np.ndarray]:
+        """Denoised latents and the frames they decode to, the seconds of each added to `timings`."""
         start = self._clock()
         try:
             latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step, given, strength, layout,
@@ -365,14 +420,14 @@ class TextToVideo:
             self.denoiser, self.low_noise_denoiser, self._compile_errors = self.transformer, self.low_noise_transformer, ()
             latents = self.denoise(text, mask, latent_shape, steps, guidance, seed, sampler, on_step, given, strength, layout,
                                    guidance_interval)
-        timings["denoise"] = self._clock() - start
+        timings["denoise"] = timings.get("denoise", 0.0) + self._clock() - start
 
         start = self._clock()
         with autocast_for(self.device):
             video = self.autoencoder.decode(latents)
-        frames_out = tensor_to_clip(video[0])
-        timings["decode"] = self._clock() - start
-        return GeneratedVideo(frames_out, self.fps, seed, timings, plan, latents)
+        frames = tensor_to_clip(video[0])
+        timings["decode"] = timings.get("decode", 0.0) + self._clock() - start
+        return latents, frames
 
     def denoise(self, text, mask, latent_shape, steps: int, guidance: float, seed: int, sampler: str, on_step=None,
                 given: torch.Tensor | None = None, strength: float = 1.0, layout: torch.Tensor | None = None,

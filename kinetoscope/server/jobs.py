@@ -124,12 +124,13 @@ class JobRunner:
                         error_message=f"Generation was interrupted {video.attempts - 1} times (server restarts or "
                                       "crashes) and was not retried again. Create the video again to retry.")
             return
-        last_write = 0.0
+        last_write, shown = 0.0, 0
 
         def on_step(done: int, total: int):
-            nonlocal last_write
+            nonlocal last_write, shown
             if done == total or time.monotonic() - last_write >= PROGRESS_WRITE_SECONDS:
-                self.renew(video, token, done * SAMPLING_SHARE // total)
+                shown = max(shown, done * SAMPLING_SHARE // total)  # a redraw adds steps to the total; progress never goes back
+                self.renew(video, token, shown)
                 last_write = time.monotonic()
 
         log.info("generating %s (attempt %d, seed %d)", video.id, video.attempts, video.seed)

@@ -536,7 +536,7 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
 @torch.no_grad()
 def evaluate(ema, autoencoder, text_encoder, schedule, recipe, run: RunDirectory, step: int, device, planner=None):
     """Generate the recipe's sample prompts with the EMA weights (and a layout model's planner), judge them, save a contact sheet."""
-    from kinetoscope.eval.judge import judge
+    from kinetoscope.data.judge import judge
     from kinetoscope.media.frames import save_contact_sheet
     from kinetoscope.pipelines.text_to_video import TextToVideo
 

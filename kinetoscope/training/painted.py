@@ -131,7 +131,8 @@ def paint_pairs(pipe, path: str | Path, count: int, seed: int = 0, size: tuple[i
         progress(len(scenes))  # the pairs held already, once the file is known to be resumable
     while len(scenes) < count:
         scene, prompt, noise_seed = pair_scene(seed, len(scenes), width / height, (frames - 1) / pipe.fps)
-        video = pipe(prompt, width=width, height=height, frames=frames, seed=noise_seed, plan=scene.objects)
+        # the first painting, as the denoiser makes it: a decoder learns what it is given, not the redraws the judge kept
+        video = pipe(prompt, width=width, height=height, frames=frames, seed=noise_seed, plan=scene.objects, redraws=0)
         latents.append(video.latents[0].to(torch.bfloat16))
         scenes.append(replace(scene, background=painted_background(video.frames)))
         if len(scenes) % SAVE_EVERY == 0 or len(scenes) == count:
