@@ -760,6 +760,9 @@ def test_the_world_allows_only_plans_it_could_draw_and_planning_keeps_the_consen
     planner = LayoutPlanner(TINY_PLANNER)
     text, mask = torch.randn(1, 4, 384), torch.ones(1, 4, dtype=torch.bool)
     assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=4) == [slots_to_objects(scene_to_slots(likely))]
+    crowded = [still, blue_circle("bounce", (0.5, 0.5))]  # refused draws have no say: with theirs, the bouncing reading would win
+    drawn = [crowded] * 4 + [rare, likely, [still, blue_circle("still", (0.8, 0.8))]]
+    assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=7) == [slots_to_objects(scene_to_slots(likely))]
     drawn = [[still, blue_circle("bounce", (0.5, 0.5))], overlapping, [still, blue_circle("still", (0.52, 0.5))]]
     assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3) == [tuple(overlapping)]  # none allowed: the consensus of all
     assert planning.plan_traits(tuple(likely)) >= {("count", 2), (1, "motion", "still"), (0, 1, 0, 1), (0, 1, 1, 1)}

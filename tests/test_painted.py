@@ -142,7 +142,7 @@ def test_a_painting_that_misses_its_plan_is_painted_again_from_new_noise_and_the
 
     def scripted(*kept_by_painting):
         readings = iter(kept_by_painting)
-        monkeypatch.setattr(text_to_video, "drawing_verdict", lambda frames, plan, fps: _verdict_keeping(next(readings)))
+        monkeypatch.setattr(text_to_video, "painting_verdict", lambda frames, plan, fps: _verdict_keeping(next(readings)))
 
     def painting(draw: int):
         return pipe(prompt, seed=redraw_seed(3, draw), plan=first.plan, redraws=0, **request).frames
@@ -168,17 +168,17 @@ def _verdict_keeping(kept: int) -> Verdict:
 
 
 def test_the_judge_reads_a_painting_against_every_attribute_of_its_plan():
-    from kinetoscope.pipelines.layout import drawing_verdict
+    from kinetoscope.pipelines.layout import painting_verdict
 
     plan = (world.ShapeObject("red", "circle", "medium", "right", "slow", (0.3, 0.25)),
             world.ShapeObject("blue", "square", "large", "still", None, (0.7, 0.75)))
     painted = world.render(world.Scene(plan, "black"), 128, 128, 17, 8.0)
-    assert drawing_verdict(painted, plan, 8.0).passed
+    assert painting_verdict(painted, plan, 8.0).passed
     for changed in (replace(plan[0], speed="fast"), replace(plan[0], size="small"), replace(plan[0], shape="triangle")):
-        missed = drawing_verdict(world.render(world.Scene((changed, plan[1]), "black"), 128, 128, 17, 8.0), plan, 8.0)
+        missed = painting_verdict(world.render(world.Scene((changed, plan[1]), "black"), 128, 128, 17, 8.0), plan, 8.0)
         assert [check.name for check in missed.checks if not check.passed] == [next(
             name for name in ("speed", "size", "shape") if getattr(changed, name) != getattr(plan[0], name))]
-    assert drawing_verdict(painted[:1], plan, 8.0).passed  # one frame shows no motion, so none is asked of it
+    assert painting_verdict(painted[:1], plan, 8.0).passed  # one frame shows no motion, so none is asked of it
 
 
 def test_redraws_come_from_the_model_folder_or_the_command_line_and_only_a_layout_model_takes_them(generator, tmp_path, capsys):

@@ -8,7 +8,8 @@
 The prompt is encoded by the text encoder, noise in the autoencoder's latent space is carried to
 a clean latent by the diffusion transformer (rectified flow, classifier-free guidance), and the
 autoencoder decodes it to frames. For a layout model, a layout planner first places the prompt's
-objects (pipelines/layout.py), and the transformer is shown where (data/layout.py).
+objects (pipelines/layout.py), and the transformer is shown where (data/layout.py); the judge
+then reads the painting against that plan, and one that misses it is painted again (`redraws`).
 
 A pipeline may split the path between two transformers of one architecture (Wan 2.2's experts):
 its `transformer` denoises the noisier stretch and its `low_noise_transformer` the cleaner one,
@@ -40,7 +41,7 @@ from kinetoscope.models.dit import DiffusionTransformer
 from kinetoscope.models.planner import LayoutPlanner, PlanScorer
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
-from kinetoscope.pipelines.layout import check_planner, drawing_verdict, load_planning, plan_objects
+from kinetoscope.pipelines.layout import check_planner, painting_verdict, load_planning, plan_objects
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "generator"
 MAX_PROMPT_CHARS = 1000
@@ -139,7 +140,7 @@ class GeneratedVideo:
     frames: np.ndarray  # uint8 (T, H, W, 3)
     fps: float
     seed: int
-    timings: dict = field(default_factory=dict)  # seconds spent in text, denoise, decode
+    timings: dict = field(default_factory=dict)  # seconds spent in text, denoise, decode (and check, with redraws)
     plan: tuple | None = None  # a layout model's planned objects (data/world.py's ShapeObject), where it drew them
     latents: torch.Tensor | None = None  # (1, C, T, h, w) normalised: what the autoencoder decoded into the frames
     draws: int = 1  # paintings made: the first, and each redraw after a painting that missed its plan
@@ -392,10 +393,10 @@ class TextToVideo:
             if plan is None or not redraws:
                 return candidate
             start = self._clock()
-            verdict = drawing_verdict(frames_out, plan, self.fps)
+            verdict = painting_verdict(frames_out, plan, self.fps)
             timings["check"] = timings.get("check", 0.0) + self._clock() - start
             kept = sum(check.passed for check in verdict.checks)
-            if kept > best_kept:  # the earliest drawing keeps a tie
+            if kept > best_kept:  # the earlier painting keeps a tie
                 best, best_kept = candidate, kept
             if verdict.passed:
                 break
