@@ -41,7 +41,7 @@ from kinetoscope.models.dit import DiffusionTransformer
 from kinetoscope.models.planner import LayoutPlanner, PlanScorer
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
-from kinetoscope.pipelines.layout import check_planner, painting_verdict, load_planning, plan_objects
+from kinetoscope.pipelines.layout import check_planner, load_planning, painting_verdict, plan_objects
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "generator"
 MAX_PROMPT_CHARS = 1000
