@@ -385,12 +385,12 @@ class TextToVideo:
             timings["encode"] = self._clock() - start
 
         best, best_kept = None, -1
-        for draw in range(1 + (redraws if plan is not None else 0)):
+        for draw in range(1 + redraws):
             progress = None if on_step is None else partial(self._draw_progress, on_step, draw)
             latents, frames_out = self._paint(text, mask, latent_shape, steps, guidance, redraw_seed(seed, draw), sampler, progress,
                                               given, strength, layout, guidance_interval, timings)
             candidate = GeneratedVideo(frames_out, self.fps, seed, timings, plan, latents)
-            if plan is None or not redraws:
+            if not redraws:
                 return candidate
             start = self._clock()
             verdict = painting_verdict(frames_out, plan, self.fps)
