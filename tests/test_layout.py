@@ -737,7 +737,7 @@ def test_plans_rendered_by_the_world_are_judged_like_videos():
     assert verdict.passed  # a plan that is the truth passes, so the judge can score plans
 
 
-def test_the_world_allows_only_plans_it_could_draw_and_planning_keeps_the_consensus_of_those(monkeypatch):
+def test_the_world_allows_only_plans_it_could_draw_and_planning_ranks_those_by_their_consensus(monkeypatch):
     from kinetoscope.pipelines import layout as planning
 
     scene = world.sample_scene(np.random.default_rng(4), 1.0, 2.0)
@@ -760,6 +760,8 @@ def test_the_world_allows_only_plans_it_could_draw_and_planning_keeps_the_consen
     planner = LayoutPlanner(TINY_PLANNER)
     text, mask = torch.randn(1, 4, 384), torch.ones(1, 4, dtype=torch.bool)
     assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=4) == [slots_to_objects(scene_to_slots(likely))]
+    as_read = [slots_to_objects(scene_to_slots(plan)) for plan in (likely, also_likely, rare)]
+    assert planning.ranked_plans(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=4) == [as_read]  # the refused one left out
     crowded = [still, blue_circle("bounce", (0.5, 0.5))]  # refused draws have no say: with theirs, the bouncing reading would win
     drawn = [crowded] * 4 + [rare, likely, [still, blue_circle("still", (0.8, 0.8))]]
     assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=7) == [slots_to_objects(scene_to_slots(likely))]
@@ -909,4 +911,6 @@ def test_a_scorer_trains_from_a_planner_and_planning_keeps_the_draw_it_rates_bes
     monkeypatch.setattr(PlanScorer, "forward", lambda self, slots, text, mask, canvas, mentions=None: slots[:, 0, slot_columns("motion")][:, world.MOTIONS.index("spin")])
     text, mask = torch.randn(1, 4, 384), torch.ones(1, 4, dtype=torch.bool)
     assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3, scorer=loaded) == [tuple(drawn[1])]
+    assert planning.ranked_plans(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3, scorer=loaded) == [
+        [slots_to_objects(scene_to_slots(drawn[i])) for i in (1, 0, 2)]]  # the rest in the planner's order: the scorer rates them alike
     assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3) != [tuple(drawn[1])]

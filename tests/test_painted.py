@@ -137,7 +137,7 @@ def test_a_painting_that_misses_its_plan_is_painted_again_from_new_noise_and_the
     _, pipe = generator
     prompt, request = "a red circle moves to the right", {"width": 32, "height": 32, "frames": 5}
     first = pipe(prompt, seed=3, redraws=0, **request)
-    assert first.draws == 1 and "check" not in first.timings
+    assert first.draws == 1 and set(first.timings) == {"text", "plan", "denoise", "decode"}  # no check without redraws
     assert redraw_seed(3, 0) == 3 and len({redraw_seed(3, 1), redraw_seed(3, 2), redraw_seed(4, 1)}) == 3
 
     def scripted(*kept_by_painting):
@@ -161,6 +161,27 @@ def test_a_painting_that_misses_its_plan_is_painted_again_from_new_noise_and_the
     for redraws, message in ((9, "from 0 to 8"), (-1, "from 0 to 8"), (True, "whole number")):
         with pytest.raises(ValueError, match=message):
             pipe(prompt, redraws=redraws, **request)
+
+
+def test_a_plan_missed_four_times_gives_way_to_the_next_ranked_plans_and_a_given_plan_never_does(generator, monkeypatch):
+    _, pipe = generator
+    prompt, request = "a red circle moves to the right", {"width": 32, "height": 32, "frames": 5}
+    ranked = [(world.ShapeObject("red", "circle", size, "right", "slow", (x, 0.5)),) for size, x in (("medium", 0.3), ("large", 0.4))]
+    monkeypatch.setattr(text_to_video, "ranked_plans", lambda *args, **kwargs: [ranked])
+    painted_plans, readings = [], iter([1, 1, 1, 1, 2, 0, 0] * 2)
+
+    def reading(frames, plan, fps):
+        painted_plans.append(plan)
+        return _verdict_keeping(next(readings))
+    monkeypatch.setattr(text_to_video, "painting_verdict", reading)
+    assert text_to_video.FIRST_PLAN_PAINTINGS == 4
+    kept = pipe(prompt, seed=3, redraws=6, **request)
+    assert painted_plans == [ranked[0]] * 4 + [ranked[1]] * 3  # then each redraw the next plan, while there is one
+    assert kept.draws == 7 and kept.plan == ranked[1]  # the painting keeping most: the next plan's first
+    assert np.array_equal(kept.frames, pipe(prompt, seed=redraw_seed(3, 4), plan=ranked[1], redraws=0, **request).frames)
+    painted_plans.clear()
+    pipe(prompt, seed=3, redraws=6, plan=ranked[0], **request)
+    assert painted_plans == [ranked[0]] * 7  # a plan a person sets is the only one
 
 
 def _verdict_keeping(kept: int) -> Verdict:

@@ -188,7 +188,8 @@ def add_sampling_arguments(parser):
                         help="default: the model's own (stochastic for the shipped model)")
     parser.add_argument("--redraws", type=redraw_count,
                         help="a layout model paints a clip again from new noise, at most this many times, while the judge reads "
-                             "it as missing its plan (default: the model's own, 3 for the shipped model; 0 keeps the first painting)")
+                             "it as missing its plan, from the planner's next plan after four misses (default: the model's own, 7 "
+                             "for the shipped model; 0 keeps the first painting)")
 
 
 def set_redraws(pipe, redraws: int | None):

@@ -1,9 +1,9 @@
 """Prompt to layout: the planner's sampling, and a planned scene drawn by the world's own renderer.
 
-`plan_objects` carries seeded noise to object slots with the planner (rectified flow, Euler) and
-reads them as the scene's objects. It draws several plans at once and keeps, of those the world
-allows (`world.is_possible`: every object inside the canvas for the whole clip, no two touching),
-the one the others of those agree with most (`consensus`). A plan that breaks the world's rules
+`ranked_plans` carries seeded noise to object slots with the planner (rectified flow, Euler) and
+reads them as the scene's objects. It draws several plans at once and ranks those the world
+allows (`world.is_possible`: every object inside the canvas for the whole clip, no two touching)
+by how much the others of those agree with each (`by_consensus`); `plan_objects` keeps the first. A plan that breaks the world's rules
 cannot be drawn as the prompt asks: two objects drawn on top of each other are one blob to anyone
 counting them. And the planner's likeliest reading is the one most draws share: on the held-out
 prompts, the first allowed of 8 draws got 140 of 200 plans fully right, the consensus of 32 153
@@ -11,8 +11,9 @@ prompts, the first allowed of 8 draws got 140 of 200 plans fully right, the cons
 world refuses has no say in that consensus, since it is more often a misreading (an object too
 many crowds the canvas): letting all 32 draws vote got 563 of 600 plans fully right over three
 seeded sets, the allowed ones alone 570. Where the planner's folder holds
-a plan scorer (`scorer/`, models/planner.py `PlanScorer`), the allowed draw it rates best is kept
-instead (`load_planning` loads both). `PlannedScenes` renders those
+a plan scorer (`scorer/`, models/planner.py `PlanScorer`), the allowed draws are ranked by its
+scores instead (`load_planning` loads both). A pipeline paints the first plan, and may paint the
+next when its painter keeps missing it (pipelines/text_to_video.py `plan_for_painting`). `PlannedScenes` renders those
 objects exactly as Shapes World would, so the judge can score a planner alone: the share of
 held-out prompts a layout model could get fully right if its denoiser painted every plan perfectly.
 `painting_verdict` is the judge's reading of a painted clip against its own plan: how a pipeline
@@ -53,15 +54,15 @@ def check_planner(planner: LayoutPlanner):
 
 
 @torch.no_grad()
-def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor, width: int, height: int, seconds: float,
+def ranked_plans(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor, width: int, height: int, seconds: float,
                  generator: torch.Generator, steps: int = PLAN_STEPS, tries: int = PLAN_TRIES,
                  guidance: float | None = None, scorer: PlanScorer | None = None,
-                 mentions: torch.Tensor | None = None, small_cost: float = 0.0) -> list[tuple[world.ShapeObject, ...]]:
-    """The objects the planner places for each prompt (text (B, L, D), mask (B, L), mentions (B, L, L)
+                 mentions: torch.Tensor | None = None, small_cost: float = 0.0) -> list[list[tuple[world.ShapeObject, ...]]]:
+    """The plans the planner draws for each prompt (text (B, L, D), mask (B, L), mentions (B, L, L)
     from TextEncoder.mentions, which a planner or scorer with `cfg.mentions` needs) on a canvas of
-    width x height pixels lasting `seconds`, seeded by `generator`: of `tries` plans each, of those
-    the world allows (or all, where it allows none), the one `scorer` rates best, or without one
-    the consensus of those, less `small_cost` for each small object (`consensus`). Drawn with
+    width x height pixels lasting `seconds`, seeded by `generator`: of `tries` plans each, those the
+    world allows (or all, where it allows none), best first: as `scorer` rates them, or without one
+    by their consensus, less `small_cost` for each small object (`by_consensus`). Drawn with
     classifier-free `guidance` (None: the planner's own, `cfg.guidance`)."""
     device = text.device
     b = text.shape[0]
@@ -82,23 +83,28 @@ def plan_objects(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor,
                                                  both_mentions).float().chunk(2)
             return unconditional + guidance * (conditional - unconditional)
     slots = euler_sample(velocity, noise, times).cpu().numpy()
-    plans = []
+    ranked = []
     for prompt in range(b):
         drawn = [slots_to_objects(row) for row in slots[prompt * tries:(prompt + 1) * tries]]
         allowed = [plan for plan in drawn if world.is_possible(plan, width / height, seconds)] or drawn
-        plans.append(consensus(allowed, small_cost) if scorer is None else
-                     best_scored(scorer, allowed, text[prompt:prompt + 1], mask[prompt:prompt + 1], canvas[:1],
-                                 None if mentions is None else mentions[prompt:prompt + 1]))
-    return plans
+        ranked.append(by_consensus(allowed, small_cost) if scorer is None else
+                      by_score(scorer, allowed, text[prompt:prompt + 1], mask[prompt:prompt + 1], canvas[:1],
+                               None if mentions is None else mentions[prompt:prompt + 1]))
+    return ranked
 
 
-def best_scored(scorer: PlanScorer, candidates, text: torch.Tensor, mask: torch.Tensor, canvas: torch.Tensor,
-                mentions: torch.Tensor | None = None):
-    """Of the candidate plans for one prompt (text (1, L, D), mask (1, L), canvas (1, 2), mentions (1, L, L)), the one
-    the scorer rates best; the first of equals, the planner's own order."""
+def plan_objects(*args, **kwargs) -> list[tuple[world.ShapeObject, ...]]:
+    """The objects the planner places for each prompt: the best of its plans (`ranked_plans`, which takes the same arguments)."""
+    return [plans[0] for plans in ranked_plans(*args, **kwargs)]
+
+
+def by_score(scorer: PlanScorer, candidates, text: torch.Tensor, mask: torch.Tensor, canvas: torch.Tensor,
+             mentions: torch.Tensor | None = None) -> list:
+    """The candidate plans for one prompt (text (1, L, D), mask (1, L), canvas (1, 2), mentions (1, L, L)), those
+    the scorer rates higher first; of equals, the planner's own order first."""
     slots = torch.from_numpy(np.stack([scene_to_slots(plan) for plan in candidates])).to(text.device)
-    scores = scorer(slots, text, mask, canvas.expand(len(candidates), -1), mentions).float()
-    return candidates[int(scores.argmax())]
+    scores = scorer(slots, text, mask, canvas.expand(len(candidates), -1), mentions).float().tolist()
+    return [candidates[i] for i in sorted(range(len(candidates)), key=lambda i: -scores[i])]
 
 
 def load_planning(directory: str | Path) -> tuple[LayoutPlanner, PlanScorer | None]:
@@ -121,16 +127,16 @@ def plan_traits(objects: tuple[world.ShapeObject, ...]) -> set[tuple]:
     return traits
 
 
-def consensus(plans, small_cost: float = 0.0):
-    """Of the plans, the one whose traits the plans share most (itself included; the first of
-    equals): the planner's likeliest reading of the prompt, where the first draw may be one of its
-    rarer ones. Each object a plan draws at the smallest size costs it `small_cost` (a share of the
-    plans) of that agreement."""
+def by_consensus(plans, small_cost: float = 0.0) -> list:
+    """The plans, those whose traits the plans share most first (each itself included; of equals,
+    the planner's own order first): the planner's likeliest reading of the prompt leads, where the
+    first draw may be one of its rarer ones. Each object a plan draws at the smallest size costs it
+    `small_cost` (a share of the plans) of that agreement."""
     traits = [plan_traits(plan) for plan in plans]
     cost = small_cost * len(plans)
     scores = [sum(len(own & other) for other in traits) - cost * sum(obj.size == SMALLEST for obj in plan)
               for plan, own in zip(plans, traits)]
-    return plans[scores.index(max(scores))]
+    return [plans[i] for i in sorted(range(len(plans)), key=lambda i: -scores[i])]
 
 
 def painting_verdict(frames: np.ndarray, plan: tuple[world.ShapeObject, ...], fps: float) -> Verdict:

@@ -9,7 +9,8 @@ The prompt is encoded by the text encoder, noise in the autoencoder's latent spa
 a clean latent by the diffusion transformer (rectified flow, classifier-free guidance), and the
 autoencoder decodes it to frames. For a layout model, a layout planner first places the prompt's
 objects (pipelines/layout.py), and the transformer is shown where (data/layout.py); the judge
-then reads the painting against that plan, and one that misses it is painted again (`redraws`).
+then reads the painting against that plan, and one that misses it is painted again (`redraws`),
+from the planner's next plan once the first has been missed a few times.
 
 A pipeline may split the path between two transformers of one architecture (Wan 2.2's experts):
 its `transformer` denoises the noisier stretch and its `low_noise_transformer` the cleaner one,
@@ -41,7 +42,7 @@ from kinetoscope.models.dit import DiffusionTransformer
 from kinetoscope.models.planner import LayoutPlanner, PlanScorer
 from kinetoscope.models.precision import autocast_for
 from kinetoscope.models.text_encoder import TextEncoder
-from kinetoscope.pipelines.layout import check_planner, load_planning, painting_verdict, plan_objects
+from kinetoscope.pipelines.layout import check_planner, load_planning, painting_verdict, ranked_plans
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "generator"
 MAX_PROMPT_CHARS = 1000
@@ -52,6 +53,7 @@ MAX_STEPS = 1000
 MAX_GUIDANCE = 30.0  # far past any useful scale; beyond it velocities blow up and frames saturate
 MAX_SEED = 2**63 - 1  # torch.Generator takes a signed 64-bit seed
 MAX_REDRAWS = 8
+FIRST_PLAN_PAINTINGS = 4
 COMPILED_TEXT_MULTIPLE = 32  # prompt tokens padded to a multiple of this, so most prompts share one compiled graph
 
 
@@ -120,6 +122,14 @@ def redraw_seed(seed: int, draw: int) -> int:
     return seed if draw == 0 else int(np.random.SeedSequence([seed, draw]).generate_state(1)[0])
 
 
+def plan_for_painting(draw: int, plans: int) -> int:
+    """Which of the ranked plans (`plans` of them) painting `draw` paints: the first plan its first
+    FIRST_PLAN_PAINTINGS paintings, then each redraw the next. The painter misses at random, so a
+    plan it missed once is worth painting again; but one it missed that often is more likely hard
+    for it to paint than unlucky, and the next plan reads the prompt alike and places it anew."""
+    return min(max(0, draw - FIRST_PLAN_PAINTINGS + 1), plans - 1)
+
+
 def checked_redraws(redraws, planner) -> int:
     """Redraws check a painting against its plan, so only a layout model (one with a planner) takes them."""
     redraws = whole_number(redraws, "redraws", 0, MAX_REDRAWS)
@@ -140,7 +150,7 @@ class GeneratedVideo:
     frames: np.ndarray  # uint8 (T, H, W, 3)
     fps: float
     seed: int
-    timings: dict = field(default_factory=dict)  # seconds spent in text, denoise, decode (and check, with redraws)
+    timings: dict = field(default_factory=dict)  # seconds spent in text, denoise, decode (plan, for a layout model; check, with redraws)
     plan: tuple | None = None  # a layout model's planned objects (data/world.py's ShapeObject), where it drew them
     latents: torch.Tensor | None = None  # (1, C, T, h, w) normalised: what the autoencoder decoded into the frames
     draws: int = 1  # paintings made: the first, and each redraw after a painting that missed its plan
@@ -335,9 +345,11 @@ class TextToVideo:
         size, motion, speed, start) where given, in place of its planner's: a layout a person sets,
         or a scene's true one, which tells the denoiser's failures from the planner's. Where the
         judge reads a layout model's painting as missing any attribute of its plan, the clip is
-        painted again from new noise (`redraw_seed`), up to `redraws` times: the first painting that
-        keeps the whole plan is returned, else the one that keeps most of it (`draws` says how many
-        were made; `timings` add up all of them, "check" being the judge's part).
+        painted again from new noise (`redraw_seed`), up to `redraws` times, and after a few misses
+        from the planner's next-ranked plan (`plan_for_painting`; never in place of a given `plan`):
+        the first painting that keeps the whole of its plan is returned, else the one that keeps
+        most of it (`draws` says how many were made; `timings` add up all of them, "check" being
+        the judge's part; `plan` is the returned painting's).
 
         With `video` (uint8 (T, H, W, 3), which then sets the size and length), the sample starts
         from that video noised to `strength` of the sampler's path (SDEdit, Meng et al., 2022) and
@@ -362,20 +374,17 @@ class TextToVideo:
         timings = {}
         start = self._clock()
         text, mask = (v.to(self.device) for v in self.text_encoder.encode([prompt]))
+        timings["text"] = self._clock() - start
         latent_shape = self.autoencoder.latent_shape(frames, height, width)
-        layout = None
+        plans = [None]  # the plans to paint, best first: a redraw may take the next (`plan_for_painting`)
         if self.planner is not None:
-            if plan is None:
-                plan = plan_objects(self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed),
-                                    scorer=self.plan_scorer, mentions=self.text_encoder.mentions([prompt]).to(self.device),
-                                    small_cost=self.small_cost)[0]
-            plan = tuple(plan)
-            frames_per_step = self.autoencoder.cfg.temporal_factor if self.transformer.cfg.silhouette_channels else None
-            layout = layout_inputs([plan], (width, height), frames, self.fps, self.transformer.token_grid(latent_shape),
-                                   frames_per_step).to(self.device)
+            start = self._clock()
+            plans = [tuple(plan)] if plan is not None else ranked_plans(
+                self.planner, text, mask, width, height, (frames - 1) / self.fps, torch.Generator().manual_seed(seed),
+                scorer=self.plan_scorer, mentions=self.text_encoder.mentions([prompt]).to(self.device), small_cost=self.small_cost)[0]
+            timings["plan"] = self._clock() - start
         if self.denoiser is not self.transformer:  # compiled graphs are specialised to one prompt length
             text, mask = pad_tokens(text, mask, COMPILED_TEXT_MULTIPLE)
-        timings["text"] = self._clock() - start  # a layout model's planning included
 
         given = None
         if video is not None:
@@ -386,9 +395,11 @@ class TextToVideo:
 
         best, best_kept = None, -1
         for draw in range(1 + redraws):
+            plan = plans[plan_for_painting(draw, len(plans))]
             progress = None if on_step is None else partial(self._draw_progress, on_step, draw)
             latents, frames_out = self._paint(text, mask, latent_shape, steps, guidance, redraw_seed(seed, draw), sampler, progress,
-                                              given, strength, layout, guidance_interval, timings)
+                                              given, strength, self._layout(plan, width, height, frames, latent_shape, timings),
+                                              guidance_interval, timings)
             candidate = GeneratedVideo(frames_out, self.fps, seed, timings, plan, latents)
             if not redraws:
                 return candidate
@@ -402,6 +413,18 @@ class TextToVideo:
                 break
         best.draws = draw + 1
         return best
+
+    def _layout(self, plan, width: int, height: int, frames: int, latent_shape, timings: dict) -> torch.Tensor | None:
+        """What a layout model is shown of `plan` (1, N, channels), its seconds added to the "plan"
+        stage of `timings`; None for a model without a planner."""
+        if plan is None:
+            return None
+        start = self._clock()
+        frames_per_step = self.autoencoder.cfg.temporal_factor if self.transformer.cfg.silhouette_channels else None
+        layout = layout_inputs([plan], (width, height), frames, self.fps, self.transformer.token_grid(latent_shape),
+                               frames_per_step).to(self.device)
+        timings["plan"] += self._clock() - start
+        return layout
 
     @staticmethod
     def _draw_progress(on_step, draw: int, done: int, total: int):
