@@ -217,6 +217,8 @@ def test_redraws_come_from_the_model_folder_or_the_command_line_and_only_a_layou
         command = ["generate", "a red circle moves to the right", "-o", str(out), "--size", "32x32", "--seconds", "0.5", "--weights", str(folder)]
         assert main(command) == 0  # random weights paint nothing the judge can read as the plan: painted again
         assert "painted 2 times" in capsys.readouterr().out
+        assert main([*command, "--redraws", "5"]) == 0
+        assert "painted 6 times (after the 4th, from the planner's next layouts)" in capsys.readouterr().out
         assert main([*command, "--redraws", "0"]) == 0 and "painted" not in capsys.readouterr().out.replace("wrote", "")
         report = tmp_path / "eval.json"
         assert main(["eval", "--weights", str(folder), "--per-tier", "1", "--redraws", "2", "--report", str(report)]) == 0

@@ -124,7 +124,10 @@ def run_generate(args) -> int:
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
     print(f"wrote {output}: {len(result)} frame(s) of {width}x{height} at {args.fps:g} fps, seed {args.seed} ({timing})")
     if video.draws > 1:
-        print(f"painted {video.draws} times: the judge read the earlier painting(s) as missing the layout")
+        from kinetoscope.pipelines.text_to_video import FIRST_PLAN_PAINTINGS
+
+        moved = f" (after the {FIRST_PLAN_PAINTINGS}th, from the planner's next layouts)" if video.draws > FIRST_PLAN_PAINTINGS else ""
+        print(f"painted {video.draws} times{moved}: the judge read the earlier painting(s) as missing their layout")
     if video.plan is not None:  # a layout model: where its planner put the objects (x, y as fractions of the canvas)
         from kinetoscope.data.layout import describe_objects
 

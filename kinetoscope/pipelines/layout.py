@@ -3,21 +3,21 @@
 `ranked_plans` carries seeded noise to object slots with the planner (rectified flow, Euler) and
 reads them as the scene's objects. It draws several plans at once and ranks those the world
 allows (`world.is_possible`: every object inside the canvas for the whole clip, no two touching)
-by how much the others of those agree with each (`by_consensus`); `plan_objects` keeps the first. A plan that breaks the world's rules
-cannot be drawn as the prompt asks: two objects drawn on top of each other are one blob to anyone
-counting them. And the planner's likeliest reading is the one most draws share: on the held-out
-prompts, the first allowed of 8 draws got 140 of 200 plans fully right, the consensus of 32 153
-(and 158 against 157 on another 200, with more attribute checks passed on both). A draw the
-world refuses has no say in that consensus, since it is more often a misreading (an object too
-many crowds the canvas): letting all 32 draws vote got 563 of 600 plans fully right over three
-seeded sets, the allowed ones alone 570. Where the planner's folder holds
-a plan scorer (`scorer/`, models/planner.py `PlanScorer`), the allowed draws are ranked by its
-scores instead (`load_planning` loads both). A pipeline paints the first plan, and may paint the
-next when its painter keeps missing it (pipelines/text_to_video.py `plan_for_painting`). `PlannedScenes` renders those
-objects exactly as Shapes World would, so the judge can score a planner alone: the share of
-held-out prompts a layout model could get fully right if its denoiser painted every plan perfectly.
-`painting_verdict` is the judge's reading of a painted clip against its own plan: how a pipeline
-tells a painting that missed its plan from one that kept it.
+by how much the others of those agree with each (`by_consensus`); `plan_objects` keeps the first.
+A plan that breaks the world's rules cannot be drawn as the prompt asks: two objects drawn on top
+of each other are one blob to anyone counting them. And the planner's likeliest reading is the
+one most draws share: on the held-out prompts, the first allowed of 8 draws got 140 of 200 plans
+fully right, the consensus of 32 153 (and 158 against 157 on another 200, with more attribute
+checks passed on both). A draw the world refuses has no say in that consensus, since it is more
+often a misreading (an object too many crowds the canvas): letting all 32 draws vote got 563 of
+600 plans fully right over three seeded sets, the allowed ones alone 570. Where the planner's
+folder holds a plan scorer (`scorer/`, models/planner.py `PlanScorer`), the allowed draws are
+ranked by its scores instead (`load_planning` loads both). A pipeline paints the first plan, and
+the next ones when its painter keeps missing it (pipelines/text_to_video.py `plan_for_painting`).
+`PlannedScenes` renders a plan exactly as Shapes World would, so the judge can score a planner
+alone: the share of held-out prompts a layout model could get fully right if its denoiser painted
+every plan perfectly. `painting_verdict` is the judge's reading of a painted clip against its own
+plan: how a pipeline tells a painting that missed its plan from one that kept it.
 """
 
 from __future__ import annotations

@@ -393,13 +393,15 @@ class TextToVideo:
                 given = self.autoencoder.encode(clip_to_tensor(video)[None].to(self.device)).float()
             timings["encode"] = self._clock() - start
 
-        best, best_kept = None, -1
+        best, best_kept, layouts = None, -1, {}
         for draw in range(1 + redraws):
-            plan = plans[plan_for_painting(draw, len(plans))]
+            index = plan_for_painting(draw, len(plans))
+            plan = plans[index]
+            if index not in layouts:
+                layouts[index] = self._layout(plan, width, height, frames, latent_shape, timings)
             progress = None if on_step is None else partial(self._draw_progress, on_step, draw)
             latents, frames_out = self._paint(text, mask, latent_shape, steps, guidance, redraw_seed(seed, draw), sampler, progress,
-                                              given, strength, self._layout(plan, width, height, frames, latent_shape, timings),
-                                              guidance_interval, timings)
+                                              given, strength, layouts[index], guidance_interval, timings)
             candidate = GeneratedVideo(frames_out, self.fps, seed, timings, plan, latents)
             if not redraws:
                 return candidate
