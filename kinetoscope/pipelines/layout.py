@@ -103,8 +103,7 @@ def by_score(scorer: PlanScorer, candidates, text: torch.Tensor, mask: torch.Ten
     """The candidate plans for one prompt (text (1, L, D), mask (1, L), canvas (1, 2), mentions (1, L, L)), those
     the scorer rates higher first; of equals, the planner's own order first."""
     slots = torch.from_numpy(np.stack([scene_to_slots(plan) for plan in candidates])).to(text.device)
-    scores = scorer(slots, text, mask, canvas.expand(len(candidates), -1), mentions).float().tolist()
-    return [candidates[i] for i in sorted(range(len(candidates)), key=lambda i: -scores[i])]
+    return best_first(candidates, scorer(slots, text, mask, canvas.expand(len(candidates), -1), mentions).float().tolist())
 
 
 def load_planning(directory: str | Path) -> tuple[LayoutPlanner, PlanScorer | None]:
@@ -136,6 +135,11 @@ def by_consensus(plans, small_cost: float = 0.0) -> list:
     cost = small_cost * len(plans)
     scores = [sum(len(own & other) for other in traits) - cost * sum(obj.size == SMALLEST for obj in plan)
               for plan, own in zip(plans, traits)]
+    return best_first(plans, scores)
+
+
+def best_first(plans: list, scores: list[float]) -> list:
+    """The plans by their scores, highest first; of equals, in their given order (the planner's)."""
     return [plans[i] for i in sorted(range(len(plans)), key=lambda i: -scores[i])]
 
 
