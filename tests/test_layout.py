@@ -323,6 +323,18 @@ def test_stand_ins_name_each_shape_by_one_word_that_says_nothing_of_it_and_leave
     assert not words & (captions.KNOWN_WORDS | captions.HELDOUT_WORDS)  # no word a prompt could mean otherwise
 
 
+def test_relation_rate_draws_scenes_until_their_captions_state_a_relation():
+    from kinetoscope.training.planner import SceneBatches
+
+    def stated_relations(rate):
+        seen = RecordingEncoder()
+        SceneBatches({"buckets": ["64x64x17"], "fps": 8.0, "batch_size": 40, "seed": 3, "relation_rate": rate}, seen, seed=3)()
+        return sum(captions.parse_prompt(text).relation is not None for text in seen.texts)
+
+    assert stated_relations(1.0) == 40
+    assert stated_relations(0.0) < 20  # about one caption in eight states one unasked
+
+
 def test_planner_steps_lower_its_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     planner = LayoutPlanner(TINY_PLANNER)

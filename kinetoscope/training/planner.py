@@ -45,7 +45,7 @@ REQUIRED = {
 }
 KNOWN = {
     "model": ("role", "dim", "depth", "heads", "mlp_ratio", "text_layers", "mentions", "guidance", "init", "attribute_tokens", "identity_token", "unread"),
-    "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate", "stand_in_rate", "negatives"),
+    "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate", "stand_in_rate", "relation_rate", "negatives"),
     "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight", "caption_dropout"),
     "eval": (*REQUIRED["eval"], "planner"),
 }
@@ -122,6 +122,11 @@ def stand_in_nouns(caption: str, rng: np.random.Generator) -> str:
     return _NOUN_PATTERN.sub(swap, caption)
 
 
+# Scenes drawn, at most, for a caption that states a relation where [data] relation_rate asks for
+# one (about one caption in eight does, so this almost never runs out).
+RELATION_ATTEMPTS = 50
+
+
 def data_rate(data: dict, name: str) -> float:
     """[data] `name`, a share from 0 to 1 (0 when the recipe leaves it out)."""
     rate = data.get(name, 0.0)
@@ -135,7 +140,8 @@ class SceneBatches:
     mentions (B, L, L): TextEncoder.mentions),
     a share `lead_in_rate` of the captions after one of the LEAD_INS, a share `paraphrase_rate` of
     their verbs in other words (PARAPHRASES), a share `stand_in_rate` naming their shapes by
-    STAND_INS (with no shape in their slots: the caption no longer says it)."""
+    STAND_INS (with no shape in their slots: the caption no longer says it), and a share
+    `relation_rate` of the scenes drawn again until their caption states a relation."""
 
     def __init__(self, data: dict, text_encoder: TextEncoder, seed: int):
         try:
@@ -147,8 +153,8 @@ class SceneBatches:
         if isinstance(data["batch_size"], bool) or not isinstance(data["batch_size"], int) or data["batch_size"] < 1:
             raise RecipeError(f"[data] batch_size must be a whole number of at least 1, not {data['batch_size']!r}")
         self.fps, self.batch_size = float(data["fps"]), data["batch_size"]
-        self.lead_in_rate, self.paraphrase_rate, self.stand_in_rate = (
-            data_rate(data, name) for name in ("lead_in_rate", "paraphrase_rate", "stand_in_rate"))
+        self.lead_in_rate, self.paraphrase_rate, self.stand_in_rate, self.relation_rate = (
+            data_rate(data, name) for name in ("lead_in_rate", "paraphrase_rate", "stand_in_rate", "relation_rate"))
         self.text_encoder = text_encoder
         self.rng = np.random.default_rng(seed)
 
@@ -158,9 +164,13 @@ class SceneBatches:
         rewording; no shape under stand-ins), whether its shapes are stand-ins, canvas (2,))."""
         bucket = self.buckets[self.rng.integers(len(self.buckets))]
         seconds = (bucket.frames - 1) / self.fps
-        scene = world.sample_scene(self.rng, bucket.width / bucket.height, max(seconds, 1 / self.fps), captions.TRAIN_SCENES)
-        caption = captions.caption_variants(scene, self.rng, count=1, split="train")[0]
-        stated = captions.parse_prompt(caption)
+        wants_relation = self.rng.random() < self.relation_rate
+        for _ in range(RELATION_ATTEMPTS):
+            scene = world.sample_scene(self.rng, bucket.width / bucket.height, max(seconds, 1 / self.fps), captions.TRAIN_SCENES)
+            caption = captions.caption_variants(scene, self.rng, count=1, split="train")[0]
+            stated = captions.parse_prompt(caption)
+            if stated.relation is not None or not wants_relation:
+                break
         objects = in_mention_order(scene.objects, caption)
         if self.paraphrase_rate:
             caption = paraphrase_verbs(caption, self.rng, self.paraphrase_rate)
