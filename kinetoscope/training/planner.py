@@ -164,7 +164,7 @@ class SceneBatches:
         rewording; no shape under stand-ins), whether its shapes are stand-ins, canvas (2,))."""
         bucket = self.buckets[self.rng.integers(len(self.buckets))]
         seconds = (bucket.frames - 1) / self.fps
-        wants_relation = self.rng.random() < self.relation_rate
+        wants_relation = self.relation_rate > 0 and self.rng.random() < self.relation_rate  # no draw: older recipes keep their data
         for _ in range(RELATION_ATTEMPTS):
             scene = world.sample_scene(self.rng, bucket.width / bucket.height, max(seconds, 1 / self.fps), captions.TRAIN_SCENES)
             caption = captions.caption_variants(scene, self.rng, count=1, split="train")[0]
