@@ -335,6 +335,25 @@ def test_relation_rate_draws_scenes_until_their_captions_state_a_relation():
     assert stated_relations(0.0) < 20  # about one caption in eight states one unasked
 
 
+def test_relation_rate_can_spare_captions_of_one_object():
+    from kinetoscope.training.planner import SceneBatches
+
+    def captions_read(rate, spares):
+        seen = RecordingEncoder()
+        SceneBatches({"buckets": ["64x64x17"], "fps": 8.0, "batch_size": 200, "seed": 3, "relation_rate": rate,
+                      "relation_spares_one_object": spares}, seen, seed=3)()
+        return [captions.parse_prompt(text) for text in seen.texts]
+
+    def one_object(stated):
+        return sum(len(s.objects) == 1 for s in stated)
+
+    spared, unasked = captions_read(1.0, True), captions_read(0.0, True)
+    assert all(s.relation is not None for s in spared if len(s.objects) > 1)
+    # a caption of one object is kept as first drawn: about 44% name one, asked for relations or not
+    assert 60 < one_object(spared) < 120 and 60 < one_object(unasked) < 120
+    assert one_object(captions_read(1.0, False)) == 0
+
+
 def test_planner_steps_lower_its_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     planner = LayoutPlanner(TINY_PLANNER)

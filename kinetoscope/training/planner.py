@@ -45,7 +45,8 @@ REQUIRED = {
 }
 KNOWN = {
     "model": ("role", "dim", "depth", "heads", "mlp_ratio", "text_layers", "mentions", "guidance", "init", "attribute_tokens", "identity_token", "unread"),
-    "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate", "stand_in_rate", "relation_rate", "negatives"),
+    "data": (*REQUIRED["data"], "lead_in_rate", "paraphrase_rate", "stand_in_rate", "relation_rate",
+             "relation_spares_one_object", "negatives"),
     "train": (*REQUIRED["train"], "minutes", "reuse", "workers", "start_weight", "caption_dropout"),
     "eval": (*REQUIRED["eval"], "planner"),
 }
@@ -141,7 +142,9 @@ class SceneBatches:
     a share `lead_in_rate` of the captions after one of the LEAD_INS, a share `paraphrase_rate` of
     their verbs in other words (PARAPHRASES), a share `stand_in_rate` naming their shapes by
     STAND_INS (with no shape in their slots: the caption no longer says it), and a share
-    `relation_rate` of the scenes drawn again until their caption states a relation."""
+    `relation_rate` of the scenes drawn again until their caption states a relation (with
+    `relation_spares_one_object`, only of those whose caption names two objects or more, so that
+    captions of one object keep their share)."""
 
     def __init__(self, data: dict, text_encoder: TextEncoder, seed: int):
         try:
@@ -155,6 +158,9 @@ class SceneBatches:
         self.fps, self.batch_size = float(data["fps"]), data["batch_size"]
         self.lead_in_rate, self.paraphrase_rate, self.stand_in_rate, self.relation_rate = (
             data_rate(data, name) for name in ("lead_in_rate", "paraphrase_rate", "stand_in_rate", "relation_rate"))
+        self.relation_spares_one_object = data.get("relation_spares_one_object", False)
+        if not isinstance(self.relation_spares_one_object, bool):
+            raise RecipeError(f"[data] relation_spares_one_object must be true or false, not {self.relation_spares_one_object!r}")
         self.text_encoder = text_encoder
         self.rng = np.random.default_rng(seed)
 
@@ -165,11 +171,13 @@ class SceneBatches:
         bucket = self.buckets[self.rng.integers(len(self.buckets))]
         seconds = (bucket.frames - 1) / self.fps
         wants_relation = self.relation_rate > 0 and self.rng.random() < self.relation_rate  # no draw: older recipes keep their data
-        for _ in range(RELATION_ATTEMPTS):
+        for attempt in range(RELATION_ATTEMPTS):
             scene = world.sample_scene(self.rng, bucket.width / bucket.height, max(seconds, 1 / self.fps), captions.TRAIN_SCENES)
             caption = captions.caption_variants(scene, self.rng, count=1, split="train")[0]
             stated = captions.parse_prompt(caption)
             if stated.relation is not None or not wants_relation:
+                break
+            if attempt == 0 and self.relation_spares_one_object and len(stated.objects) == 1:
                 break
         objects = in_mention_order(scene.objects, caption)
         if self.paraphrase_rate:
