@@ -799,6 +799,9 @@ def test_the_world_allows_only_plans_it_could_draw_and_planning_ranks_those_by_t
     drawn = [[still, blue_circle("bounce", (0.5, 0.5))], overlapping, [still, blue_circle("still", (0.52, 0.5))]]
     assert planning.plan_objects(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=3) == [tuple(overlapping)]  # none allowed: the consensus of all
     assert planning.plan_traits(tuple(likely)) >= {("count", 2), (1, "motion", "still"), (0, 1, 0, 1), (0, 1, 1, 1)}
+    # agreement counts per trait: one extra object's traits do not outvote three draws of one object
+    alone, paired = (still,), (still, blue_circle("still", (0.8, 0.75)))
+    assert planning.by_consensus([paired, alone, alone, alone])[0] == alone
     assert (0, 1, 0, 0) in planning.plan_traits(tuple(overlapping))  # level within RELATION_MARGIN
 
 
