@@ -131,8 +131,8 @@ def by_consensus(plans, small_cost: float = 0.0) -> list:
     the planner's own order first): the planner's likeliest reading of the prompt leads, where the
     first draw may be one of its rarer ones. Each object a plan draws at the smallest size costs it
     `small_cost` (a share of the plans) of that agreement. The agreement is per trait of the plan,
-    since a plan of more objects states more traits for others to share: summed, a lone draw of
-    two objects outscored 17 draws of one in 20 that read "the big pink triangle spins" alike."""
+    since a plan of more objects states more traits for others to share: summed, told "the big pink
+    triangle spins", a plan of two triangles (3 of 20 draws) outscored the 17 draws of one."""
     traits = [plan_traits(plan) for plan in plans]
     cost = small_cost * len(plans)
     scores = [(sum(len(own & other) for other in traits) - cost * sum(obj.size == SMALLEST for obj in plan)) / len(own)
