@@ -352,6 +352,8 @@ def test_relation_rate_can_spare_captions_of_one_object():
     # a caption of one object is kept as first drawn: about 44% name one, asked for relations or not
     assert 60 < one_object(spared) < 120 and 60 < one_object(unasked) < 120
     assert one_object(captions_read(1.0, False)) == 0
+    with pytest.raises(RecipeError, match="relation_spares_one_object must be true or false"):
+        captions_read(1.0, "yes")
 
 
 def test_planner_steps_lower_its_loss_on_a_fixed_batch():
