@@ -804,6 +804,8 @@ def test_the_world_allows_only_plans_it_could_draw_and_planning_ranks_those_by_t
     # agreement counts per trait: one extra object's traits do not outvote three draws of one object
     alone, paired = (still,), (still, blue_circle("still", (0.8, 0.75)))
     assert planning.by_consensus([paired, alone, alone, alone])[0] == alone
+    drawn = [[], [], [], likely]  # empty plans agree wholly with each other, and are not drawn
+    assert planning.ranked_plans(planner, text, mask, 128, 128, 2.0, torch.Generator(), tries=4) == [[slots_to_objects(scene_to_slots(likely))]]
     assert (0, 1, 0, 0) in planning.plan_traits(tuple(overlapping))  # level within RELATION_MARGIN
 
 

@@ -61,7 +61,7 @@ def ranked_plans(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor,
     """The plans the planner draws for each prompt (text (B, L, D), mask (B, L), mentions (B, L, L)
     from TextEncoder.mentions, which a planner or scorer with `cfg.mentions` needs) on a canvas of
     width x height pixels lasting `seconds`, seeded by `generator`: of `tries` plans each, those the
-    world allows (or all, where it allows none), best first: as `scorer` rates them, or without one
+    world allows that hold an object (or all, where none does), best first: as `scorer` rates them, or without one
     by their consensus, less `small_cost` for each small object (`by_consensus`). Drawn with
     classifier-free `guidance` (None: the planner's own, `cfg.guidance`)."""
     device = text.device
@@ -86,7 +86,9 @@ def ranked_plans(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor,
     ranked = []
     for prompt in range(b):
         drawn = [slots_to_objects(row) for row in slots[prompt * tries:(prompt + 1) * tries]]
-        allowed = [plan for plan in drawn if world.is_possible(plan, width / height, seconds)] or drawn
+        # A plan of no objects draws nothing any prompt asks for, and its one trait (the count)
+        # would agree wholly with every other empty draw.
+        allowed = [plan for plan in drawn if plan and world.is_possible(plan, width / height, seconds)] or drawn
         ranked.append(by_consensus(allowed, small_cost) if scorer is None else
                       by_score(scorer, allowed, text[prompt:prompt + 1], mask[prompt:prompt + 1], canvas[:1],
                                None if mentions is None else mentions[prompt:prompt + 1]))
