@@ -60,10 +60,10 @@ def ranked_plans(planner: LayoutPlanner, text: torch.Tensor, mask: torch.Tensor,
                  mentions: torch.Tensor | None = None, small_cost: float = 0.0) -> list[list[tuple[world.ShapeObject, ...]]]:
     """The plans the planner draws for each prompt (text (B, L, D), mask (B, L), mentions (B, L, L)
     from TextEncoder.mentions, which a planner or scorer with `cfg.mentions` needs) on a canvas of
-    width x height pixels lasting `seconds`, seeded by `generator`: of `tries` plans each, those the
-    world allows that hold an object (or all, where none does), best first: as `scorer` rates them, or without one
-    by their consensus, less `small_cost` for each small object (`by_consensus`). Drawn with
-    classifier-free `guidance` (None: the planner's own, `cfg.guidance`)."""
+    width x height pixels lasting `seconds`, seeded by `generator`: of `tries` plans each, those
+    that hold an object and the world allows (or all, where none does), best first: as `scorer`
+    rates them, or without one by their consensus, less `small_cost` for each small object
+    (`by_consensus`). Drawn with classifier-free `guidance` (None: the planner's own, `cfg.guidance`)."""
     device = text.device
     b = text.shape[0]
     guidance = planner.cfg.guidance if guidance is None else guidance

@@ -128,6 +128,14 @@ def stand_in_nouns(caption: str, rng: np.random.Generator) -> str:
 RELATION_ATTEMPTS = 50
 
 
+def recipe_flag(table: dict, section: str, name: str) -> bool:
+    """[section] `name` of a recipe, true or false (false when the recipe leaves it out)."""
+    flag = table.get(name, False)
+    if not isinstance(flag, bool):
+        raise RecipeError(f"[{section}] {name} must be true or false, not {flag!r}")
+    return flag
+
+
 def data_rate(data: dict, name: str) -> float:
     """[data] `name`, a share from 0 to 1 (0 when the recipe leaves it out)."""
     rate = data.get(name, 0.0)
@@ -158,9 +166,7 @@ class SceneBatches:
         self.fps, self.batch_size = float(data["fps"]), data["batch_size"]
         self.lead_in_rate, self.paraphrase_rate, self.stand_in_rate, self.relation_rate = (
             data_rate(data, name) for name in ("lead_in_rate", "paraphrase_rate", "stand_in_rate", "relation_rate"))
-        self.relation_spares_one_object = data.get("relation_spares_one_object", False)
-        if not isinstance(self.relation_spares_one_object, bool):
-            raise RecipeError(f"[data] relation_spares_one_object must be true or false, not {self.relation_spares_one_object!r}")
+        self.relation_spares_one_object = recipe_flag(data, "data", "relation_spares_one_object")
         self.text_encoder = text_encoder
         self.rng = np.random.default_rng(seed)
 
@@ -175,9 +181,8 @@ class SceneBatches:
             scene = world.sample_scene(self.rng, bucket.width / bucket.height, max(seconds, 1 / self.fps), captions.TRAIN_SCENES)
             caption = captions.caption_variants(scene, self.rng, count=1, split="train")[0]
             stated = captions.parse_prompt(caption)
-            if stated.relation is not None or not wants_relation:
-                break
-            if attempt == 0 and self.relation_spares_one_object and len(stated.objects) == 1:
+            spared = attempt == 0 and self.relation_spares_one_object and len(stated.objects) == 1
+            if stated.relation is not None or not wants_relation or spared:
                 break
         objects = in_mention_order(scene.objects, caption)
         if self.paraphrase_rate:
@@ -328,14 +333,11 @@ def train(recipe_path: str, output: str | None = None, minutes: float | None = N
     role = recipe["model"].get("role", "planner")
     if role not in ROLES:
         raise RecipeError(f"[model] role must be one of {', '.join(ROLES)}, not {role!r}")
-    attribute_tokens = recipe["model"].get("attribute_tokens", False)
-    if not isinstance(attribute_tokens, bool):
-        raise RecipeError(f"[model] attribute_tokens must be true or false, not {attribute_tokens!r}")
+    attribute_tokens = recipe_flag(recipe["model"], "model", "attribute_tokens")
     identity_token = recipe["model"].get("identity_token", False)
     if not isinstance(identity_token, bool) or (identity_token and not attribute_tokens):
         raise RecipeError(f"[model] identity_token must be true (with attribute_tokens = true) or false, not {identity_token!r}")
-    if not isinstance(recipe["model"].get("mentions", False), bool):
-        raise RecipeError(f"[model] mentions must be true or false, not {recipe['model']['mentions']!r}")
+    recipe_flag(recipe["model"], "model", "mentions")
     unread = recipe["model"].get("unread", [])
     if not isinstance(unread, list) or not set(unread) <= set(UNREADABLE):
         raise RecipeError(f"[model] unread must list slot attributes out of {', '.join(UNREADABLE)}, not {unread!r}")
