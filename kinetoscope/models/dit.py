@@ -203,16 +203,16 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, text, text_mask):  # x (B, N, D), text (B / k, L, D), text_mask (B / k, L) bool
-        # A text row may serve k consecutive rows of x (many draws of one prompt): its keys and
-        # values are projected once, not k times.
+        # A text row may serve k consecutive rows of x (many draws of one prompt): those rows' tokens
+        # read it as one sequence of k * N queries, so its keys and values are projected and
+        # attended to once, not k times (a query's attention does not depend on the other queries).
+        b, n, _ = x.shape
+        x = x.reshape(text.shape[0], rows_per_text(x, text) * n, -1)  # (B / k, k * N, D)
         q = self.q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
         k, v = self.kv(text).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        if text.shape[0] != x.shape[0]:
-            share = rows_per_text(x, text)
-            k, v, text_mask = k.repeat_interleave(share, 0), v.repeat_interleave(share, 0), text_mask.repeat_interleave(share, 0)
         q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask[:, None, None, :])
-        return self.proj(out.transpose(1, 2).flatten(2))
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class DiTBlock(nn.Module):
