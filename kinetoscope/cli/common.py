@@ -182,7 +182,7 @@ def load_weights(loader, weights: str | None):
 
 def add_sampling_arguments(parser):
     """--steps, --guidance and --sampler, left None unless given, so a model's own defaults apply."""
-    parser.add_argument("--steps", type=sampling_steps, help="sampling steps (default: the model's own, 20 for the shipped model)")
+    parser.add_argument("--steps", type=sampling_steps, help="sampling steps (default: the model's own, 16 for the shipped model)")
     parser.add_argument("--guidance", type=guidance_scale, help="classifier-free guidance scale (default: the model's own, 4 for the shipped model)")
     parser.add_argument("--sampler", choices=("euler", "heun", "stochastic"),  # rectified_flow.SAMPLERS, named here so --help needs no torch
                         help="default: the model's own (stochastic for the shipped model)")
