@@ -3,9 +3,11 @@
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -597,6 +599,33 @@ def test_bench_cli_reports_every_figure_the_issue_asks_for(weights_dir, capsys):
         assert figure in out
 
 
+def test_bench_times_held_out_prompts_once_each_and_reports_the_mean_clip(weights_dir, monkeypatch, capsys):
+    from kinetoscope.eval import bench
+    from kinetoscope.eval.generation import held_out_prompts
+    from kinetoscope.pipelines.text_to_video import TextToVideo
+
+    asked, call = [], TextToVideo.__call__
+    monkeypatch.setattr(TextToVideo, "__call__", lambda pipe, prompt, **kw: asked.append((prompt, kw.get("seed"))) or call(pipe, prompt, **kw))
+    assert main(["bench", "--weights", str(weights_dir), "--size", "32x32", "--steps", "2", "--held-out", "2", "--repeats", "9"]) == 0
+    assert asked[1:] == [(item.prompt, i) for i, item in enumerate(held_out_prompts(2))]  # after the warm-up, eval's prompts and seeds
+    out = capsys.readouterr().out
+    assert "the held-out prompts" in out and re.search(r"seconds per clip: [\d.]+ median \(.*\); [\d.]+ mean", out)
+    assert main(["bench", "--weights", str(weights_dir), "--held-out", "0"]) == 2
+
+    class ThreeClips:  # a clip redrawn four times between two painted once
+        device, fps, text_encoder = torch.device("cpu"), 8.0, SimpleNamespace(clear_cache=lambda: None)
+        clips = iter([{"text": 1.0, "denoise": 2.0}, {"text": 1.0, "denoise": 8.0}, {"text": 1.0, "denoise": 2.0}])
+
+        def __call__(self, prompt, **settings):
+            timings = next(self.clips, {"text": 1.0, "denoise": 2.0})  # the warm-up, then the three timed
+            return SimpleNamespace(timings=timings, draws=4 if timings["denoise"] == 8.0 else 1)
+
+    monkeypatch.setattr(bench, "denoiser_flops", lambda *args: 1.0)
+    monkeypatch.setattr(bench, "matmul_rate", lambda *args, **kwargs: 1.0)
+    result = bench.benchmark_generation(ThreeClips(), sampling=SamplingSettings(steps=2, guidance=1.0, sampler="euler"), repeats=3)
+    assert result["total_s"] == 3.0 and result["mean_total_s"] == 5.0  # the median clip hides the redrawn one; the mean does not
+
+
 def test_bench_runs_with_a_compact_text_encoder_and_pays_for_every_prompt(weights_dir, tmp_path, monkeypatch, capsys):
     """A lent GPU has only the compact copy, whose vocabulary is Shapes World's: the bench's own
     prompts and probes must stay inside it; and text encoding is timed uncached on every run."""
@@ -672,8 +701,6 @@ class RenderingPipe:
         return 1 + round(seconds * self.fps)
 
     def __call__(self, prompt, frames=17, seed=0, **settings):
-        from types import SimpleNamespace
-
         from kinetoscope.data import world
 
         self.lengths.add(frames)
@@ -801,8 +828,6 @@ def test_eval_from_noise_judges_true_clips_sampled_back_from_each_level():
             return 17
 
         def __call__(self, prompt, video=None, strength=1.0, seed=0, **settings):
-            from types import SimpleNamespace
-
             self.asked.append((prompt, strength, seed, video.shape))
             return SimpleNamespace(frames=np.zeros_like(video) if self.blank else video, fps=self.fps)
 

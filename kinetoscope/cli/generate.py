@@ -57,6 +57,9 @@ def register(subparsers):
     bench.add_argument("--seconds", type=common.positive_float, default=2.0)
     common.add_sampling_arguments(bench)
     bench.add_argument("--repeats", type=common.positive_int, default=5)
+    bench.add_argument("--held-out", type=common.positive_int, metavar="N",
+                       help="time the first N held-out prompts of each tier (`kinetoscope eval --per-tier N`'s, from the same "
+                            "noise seeds) instead of the bench's own, once each: what a clip takes on average, redraws included")
     bench.add_argument("--weights", help="generator folder (default: the shipped model)")
     bench.add_argument("--compile", action="store_true", help="time the transformer compiled by torch.compile (as `serve --compile` runs it)")
     bench.set_defaults(handler=run_bench)
@@ -280,18 +283,26 @@ def run_compare(args) -> int:
 
 
 def run_bench(args) -> int:
-    from kinetoscope.eval.bench import benchmark_generation
+    from kinetoscope.eval.bench import BENCH_PROMPTS, benchmark_generation
 
     pipe = load_pipeline(args.weights)
     width, height = args.size
     frames, sampling = checked_request(pipe, common.PROBE_PROMPT, width, height, args.seconds, args)
     if args.compile:
         common.compile_and_warm_up(pipe, width, height, frames, sampling.guidance)
-    r = benchmark_generation(pipe, width, height, frames, sampling, args.repeats)
+    prompts, repeats, progress = BENCH_PROMPTS, args.repeats, None
+    if args.held_out:
+        from tqdm import tqdm
+
+        from kinetoscope.eval.generation import held_out_prompts
+
+        prompts = [item.prompt for item in held_out_prompts(args.held_out)]
+        repeats, progress = len(prompts), lambda runs: tqdm(runs, desc="held-out prompts", unit="clip")
+    r = benchmark_generation(pipe, width, height, frames, sampling, repeats, prompts, progress)
     print(f"transformer: {'compiled by torch.compile' if args.compile else 'eager (--compile to compare)'}")
     stages = ", ".join(f"{k} {v:.3f} s" for k, v in r["stages_s"].items())
-    print(f"clip: {r['clip']}")
-    print(f"seconds per clip: {r['total_s']:.3f} ({stages})")
+    print(f"clip: {r['clip']}, {'the held-out prompts' if args.held_out else 'the bench prompts'}")
+    print(f"seconds per clip: {r['total_s']:.3f} median ({stages}); {r['mean_total_s']:.3f} mean")
     print(f"real-time factor: {r['real_time_factor']:.2f}x (clip seconds / wall seconds)")
     if pipe.redraws:
         print(f"paintings per clip: {r['paintings_per_clip']:.2f} (up to {1 + pipe.redraws}: redraws of paintings the judge read as missing "
