@@ -78,8 +78,8 @@ def peak_memory_mib(device: torch.device) -> float:
 
 def benchmark_generation(pipe, width=128, height=128, frames=17, sampling=None, repeats=5, prompts=BENCH_PROMPTS,
                          progress=None) -> dict:
-    """`sampling`: SamplingSettings, or None for the model's own. Run i times prompts[i % len(prompts)]
-    from noise seed i (as `kinetoscope eval` seeds its prompts), `progress` wrapping the runs (tqdm)."""
+    """`sampling`: SamplingSettings, or None for the model's own. Timed run i makes prompts[i % len(prompts)]
+    from noise seed i (as `kinetoscope eval` seeds its prompts); `progress` (tqdm, say) wraps the runs."""
     sampling = sampling or pipe.sampling_for()
     pipe(WARM_UP_PROMPT, width=width, height=height, frames=frames, **asdict(sampling))
     if pipe.device.type == "cuda":
