@@ -1015,7 +1015,7 @@ def test_the_cli_refuses_a_guidance_the_distilled_model_does_not_know(tmp_path, 
 
 
 def test_a_model_folder_names_its_own_sampling_settings(tmp_path, capsys, monkeypatch):
-    """A distilled model may need other settings than the shipped model's 20 steps at guidance 4:
+    """A distilled model may need other settings than the shipped model's 16 steps at guidance 4:
     its pipeline.json says so, and every entry point follows it unless told otherwise."""
     weights = tmp_path / "distilled"
     distilled_student(tiny_transformer(), (1.0, 3.0)).save_pretrained(weights)
