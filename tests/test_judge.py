@@ -216,6 +216,16 @@ def test_degraded_clips_still_pass():
             assert passed >= 9, degrade.__name__
 
 
+def test_observations_match_blas_products(monkeypatch):
+    # The judge multiplies pixels by palette colours without BLAS (whose spinning threads slow the
+    # denoising after a check); its observations must be exactly those of the BLAS products.
+    rng = np.random.default_rng(5)
+    clips = [noise(render(world.sample_scene(rng)), rng, None) for _ in range(6)]
+    ours = [observe(clip, FPS) for clip in clips]
+    monkeypatch.setattr("kinetoscope.data.judge._thin_product", lambda a, b: a @ b.T)
+    assert ours == [observe(clip, FPS) for clip in clips]
+
+
 def test_single_frame_clip():
     still = scene_of(thing(shape="square", size="large"), background="white")
     assert_recognised(still, render(still, frames=1))
