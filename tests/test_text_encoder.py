@@ -54,6 +54,20 @@ def test_shapes_and_mask(encoder):
     assert torch.all(states[~mask] == 0)
 
 
+def test_the_network_computes_what_transformers_bert_does(encoder):
+    # models/minilm.py replaces transformers' BertModel (whose import cost every cold start ~2 s):
+    # on the pinned weights its states must be BertModel's (identical here on 804 prompts).
+    from transformers import BertModel
+
+    reference = BertModel.from_pretrained(text_encoder.bundled_model_dir(), local_files_only=True, dtype=torch.float32).eval()
+    prompts = [*PROMPTS, "two small yellow squares slide up quickly while a big cyan disc spins", "x " * 80]
+    tokens = encoder.tokenizer(prompts, padding=True, truncation=True, max_length=text_encoder.MAX_TOKENS, return_tensors="pt")
+    with torch.no_grad():
+        ours, theirs = encoder.model(**tokens), reference(**tokens).last_hidden_state
+    real = tokens["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=0, atol=1e-5)
+
+
 def test_deterministic_and_padding_only_rounds(encoder):
     states, mask = encoder.encode(PROMPTS)
     fresh = TextEncoder(encoder.tokenizer, encoder.model, encoder.device)  # same weights, empty cache

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from kinetoscope.models.minilm import MiniLM, MiniLMConfig
+
 # The project never downloads from a model hub at run time; these must be set before transformers
 # (and huggingface_hub) are first imported, because both read them once at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -114,17 +116,14 @@ class TextEncoder:
     @classmethod
     def load(cls, device: str | torch.device = "cpu", model_dir: str | Path | None = None) -> "TextEncoder":
         model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        from safetensors.torch import load_file
         from transformers import AutoTokenizer
-        from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()  # a per-load weights bar is noise in CLI and server logs
         if (model_dir / COMPACT_MANIFEST).is_file():
             model, covered_ids = _load_compact(model_dir)
         else:
-            from transformers import AutoModel
-
             verify_weights(model_dir)
-            model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+            model = MiniLM.from_state(MiniLMConfig.from_file(model_dir / "config.json"), load_file(model_dir / WEIGHTS_FILE))
             covered_ids = None
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         device = torch.device(device)
@@ -190,7 +189,7 @@ class TextEncoder:
             tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
         self._check_covered(tokens["input_ids"][tokens["attention_mask"].bool()].tolist())
         tokens = tokens.to(self.device)
-        states = self.model(**tokens).last_hidden_state
+        states = self.model(**tokens)
         lengths = tokens["attention_mask"].sum(1).tolist()
         # clone: a cached prompt must not keep its whole padded batch alive
         return {prompt: s[:n].clone() for prompt, s, n in zip(prompts, states, lengths)}
@@ -237,7 +236,6 @@ def write_compact_copy(destination: str | Path, texts) -> Path:
 def _load_compact(model_dir: Path):
     """A compact copy's model (float32 again) and the token ids it has embeddings for."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel
 
     try:
         manifest = json.loads((model_dir / COMPACT_MANIFEST).read_text())
@@ -251,8 +249,7 @@ def _load_compact(model_dir: Path):
             raise TextEncoderWeightsError(f"{model_dir / name} is missing or corrupted (its SHA-256 is not the manifest's {expected})")
     tensors = load_file(model_dir / COMPACT_FILE)
     row_ids, rows = tensors.pop(COMPACT_ROW_IDS), tensors.pop(COMPACT_ROWS)
-    model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True), dtype=torch.float32)
+    cfg = MiniLMConfig.from_file(model_dir / "config.json")
     state = {name: value.float() for name, value in tensors.items()}
-    state[WORD_EMBEDDINGS] = torch.zeros_like(model.get_input_embeddings().weight).index_copy_(0, row_ids, rows)
-    model.load_state_dict(state)
-    return model, frozenset(row_ids.tolist())
+    state[WORD_EMBEDDINGS] = torch.zeros(cfg.vocab_size, cfg.hidden_size).index_copy_(0, row_ids, rows)
+    return MiniLM.from_state(cfg, state), frozenset(row_ids.tolist())
