@@ -91,9 +91,6 @@ class MiniLM(nn.Module):
         model.load_state_dict({name: value for name, value in state.items() if not name.startswith(UNUSED_WEIGHTS)})
         return model
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings["word_embeddings"]
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, L) and which are real (B, L) -> the last layer's states (B, L, D)."""
         embeddings = self.embeddings
