@@ -73,7 +73,6 @@ class MiniLMLayer(nn.Module):
 class MiniLM(nn.Module):
     def __init__(self, cfg: MiniLMConfig):
         super().__init__()
-        self.cfg = cfg
         d = cfg.hidden_size
         self.embeddings = nn.ModuleDict({
             "word_embeddings": nn.Embedding(cfg.vocab_size, d),
